@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny models wrapped the way `load_model` wraps them, and aligned clean/corrupted batches."""
+import os, sys
+
+import pytest
+import torch
+from nnsight import NNsight
+
+sys.path.insert(0, os.path.dirname(__file__))
+from reference_forward import tiny_gpt2, tiny_llama  # noqa: E402
+
+from summcircuit.data import Batch, build_prompt, collate, synthetic_examples
+from summcircuit.models import LoadedModel, arch_spec, byte_tokenizer, load_model
+
+
+def wrap(hf) -> LoadedModel:
+    "Wrap a plain HF model (e.g. the reference module's tiny models, biases randomized) as `load_model` does."
+    return LoadedModel(NNsight(hf), byte_tokenizer(), arch_spec(hf.config), hf.config.model_type)
+
+
+MODELS = {"tiny-gpt2": lambda: load_model("tiny-gpt2", device="cpu"),
+          "tiny-llama": lambda: load_model("tiny-llama", device="cpu"),
+          "ref-gpt2": lambda: wrap(tiny_gpt2(initializer_range=0.2, n_positions=1024)),
+          "ref-llama": lambda: wrap(tiny_llama(initializer_range=0.2, max_position_embeddings=1024))}
+
+
+@pytest.fixture(params=list(MODELS))
+def lm(request) -> LoadedModel:
+    return MODELS[request.param]()
+
+
+def padded_batch(lm: LoadedModel, n: int = 3, seed: int = 0) -> Batch:
+    "Synthetic prompts of different lengths, right-padded (vocabulary capped for the reference models)."
+    prompts = [build_prompt(e, lm.tokenizer) for e in synthetic_examples(n, seed=seed)]
+    b = collate(prompts, lm.tokenizer.pad_token_id)
+    assert b.attention_mask.sum(1).unique().numel() > 1, "want sequences of different lengths"
+    return b
+
+
+def corrupted_copy(batch: Batch, start: int, stop: int, token_id: int = ord("_")) -> Batch:
+    "Positions [start, stop) replaced by `token_id`: aligned with `batch` by construction."
+    ids = batch.input_ids.clone()
+    ids[:, start:stop] = token_id
+    return Batch(ids, batch.attention_mask, batch.target_mask, batch.ids)

@@ -1,0 +1,116 @@
+"""The graph's counts, `node_outputs` and `run_with_patched_edges` against independent computations."""
+import random
+
+import pytest
+import torch
+from transformers import GPT2Config, LlamaConfig
+
+from conftest import corrupted_copy, padded_batch
+from reference_forward import reference_forward, upstream_sources
+from summcircuit.graph import Graph, node_outputs, run_with_patched_edges
+from summcircuit.models import arch_spec
+
+
+def closed_form_edges(L, H, K):
+    "Edges = sum over layers of (q,k,v dests) x upstream + MLP x upstream, plus logits x all sources."
+    per_layer_upstream = L + (H + 1) * L * (L - 1) // 2        # sum_l (1 + l (H + 1))
+    return (H + 2 * K + 1) * per_layer_upstream + L * H + 1 + L * (H + 1)
+
+
+@pytest.mark.parametrize("L,H,K", [(12, 12, 12), (30, 9, 3), (24, 16, 16), (3, 4, 2), (1, 2, 1), (5, 8, 2)])
+def test_edge_count_closed_form(L, H, K):
+    cfg = LlamaConfig(num_hidden_layers=L, num_attention_heads=H, num_key_value_heads=K, hidden_size=16 * H)
+    g = Graph(arch_spec(cfg))
+    assert g.n_edges == closed_form_edges(L, H, K)
+    assert g.n_nodes == 1 + L * (H + 1) + 1
+    # brute force over the precedence rule, from names
+    src_layer = [-1] + [l for l in range(L) for _ in range(H + 1)]
+    src_is_mlp = [False] + [i == H for l in range(L) for i in range(H + 1)]
+    dst_layer = [l for l in range(L) for _ in range(H + 2 * K + 1)] + [L]
+    dst_is_mlp = [i == H + 2 * K for l in range(L) for i in range(H + 2 * K + 1)] + [False]
+    brute = torch.tensor([[sl < dl or (sl == dl and dm and not sm) for dl, dm in zip(dst_layer, dst_is_mlp)]
+                          for sl, sm in zip(src_layer, src_is_mlp)])
+    assert torch.equal(brute, g.edges)
+
+
+def test_gpt2_small_matches_reference_implementation_size():
+    g = Graph(arch_spec(GPT2Config()))
+    assert (g.n_nodes, g.n_edges) == (158, 32_491)
+
+
+def _src_index(g, key):
+    return 0 if key == ("input",) else g.head_source(key[1], key[2]) if key[0] == "head" else g.mlp_source(key[1])
+
+
+def _dst_index(g, key):
+    kind = key[0]
+    return {"q": lambda: g.q_destination(key[1], key[2]), "k": lambda: g.k_destination(key[1], key[2]),
+            "v": lambda: g.v_destination(key[1], key[2]), "mlp": lambda: g.mlp_destination(key[1]),
+            "logits": lambda: g.logits_destination}[kind]()
+
+
+def test_node_outputs_match_reference(lm):
+    b = padded_batch(lm)
+    g = Graph(lm.spec)
+    z = node_outputs(lm, b)
+    ref = reference_forward(lm.hf, b.input_ids, b.attention_mask)["node_outputs"]
+    keep = b.attention_mask.bool()
+    assert len(ref) == g.n_sources
+    for key, val in ref.items():
+        torch.testing.assert_close(z[_src_index(g, key)][keep], val[keep], atol=1e-5, rtol=0)
+
+
+def _reference_patched(lm, clean, corrupted, edges):
+    "Hand-written patching: the reference forward where listed (src, dst) edges use the corrupted source output."
+    corr = reference_forward(lm.hf, corrupted.input_ids, corrupted.attention_mask)["node_outputs"]
+    def dest_input(dst, upstream):
+        return sum(corr[src] if (src, dst) in edges else val for src, val in upstream.items())
+    return reference_forward(lm.hf, clean.input_ids, clean.attention_mask, dest_input=dest_input)["logits"]
+
+
+def _all_edges(lm):
+    s = lm.spec
+    dests = ([(kind, l, h) for l in range(s.n_layers) for kind, n in (("q", s.n_heads), ("k", s.n_kv_heads),
+              ("v", s.n_kv_heads)) for h in range(n)] + [("mlp", l) for l in range(s.n_layers)] + [("logits",)])
+    return [(src, dst) for dst in dests for src in upstream_sources(dst, s.n_layers, s.n_heads)]
+
+
+def test_patching_single_and_random_edges_matches_reference(lm):
+    b = padded_batch(lm)
+    corr = corrupted_copy(b, 0, 30)
+    g = Graph(lm.spec)
+    edges = _all_edges(lm)
+    assert len(edges) == g.n_edges
+    rng = random.Random(0)
+    keep = b.attention_mask.bool()
+    picks = [[e] for e in rng.sample(edges, 4)] + [[e for e in edges if e[1][0] == "k"][:1]]
+    picks.append(rng.sample(edges, len(edges) // 3))                    # a large random set
+    for patched in picks:
+        mask = g.edges.clone()
+        for src, dst in patched: mask[_src_index(g, src), _dst_index(g, dst)] = False
+        ours = run_with_patched_edges(lm, b, corr, mask, g)
+        ref = _reference_patched(lm, b, corr, set(patched))
+        torch.testing.assert_close(ours[keep], ref[keep], atol=1e-4, rtol=0)
+    # the large patch really changes the output (the test could fail)
+    full = run_with_patched_edges(lm, b, corr, g.edges, g)
+    assert (full[keep] - ours[keep]).abs().max() > 1e-3
+
+
+def test_padded_batch_equals_examples_one_by_one(lm):
+    "Padding contributes nothing: patched logits of a padded batch equal each example run alone."
+    b = padded_batch(lm)
+    corr = corrupted_copy(b, 0, 30)
+    g = Graph(lm.spec)
+    mask = torch.rand(g.edges.shape, generator=torch.Generator().manual_seed(1)) < 0.5
+    batched = run_with_patched_edges(lm, b, corr, mask, g)
+    for i in range(len(b)):
+        n = int(b.attention_mask[i].sum())
+        one = lambda x: type(x)(x.input_ids[i:i + 1, :n], x.attention_mask[i:i + 1, :n], x.target_mask[i:i + 1, :n])
+        alone = run_with_patched_edges(lm, one(b), one(corr), mask, g)
+        torch.testing.assert_close(batched[i, :n], alone[0], atol=1e-4, rtol=0)
+
+
+def test_bad_mask_shape(lm):
+    b = padded_batch(lm)
+    with pytest.raises(ValueError, match="edge_mask has shape"):
+        run_with_patched_edges(lm, b, b, torch.ones(3, 3, dtype=torch.bool))
