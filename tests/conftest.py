@@ -25,6 +25,13 @@ MODELS = {"tiny-gpt2": lambda: load_model("tiny-gpt2", device="cpu"),
 
 @pytest.fixture(params=list(MODELS))
 def lm(request) -> LoadedModel:
+    "Each of the four tiny models."
+    return MODELS[request.param]()
+
+
+@pytest.fixture(params=["ref-gpt2", "ref-llama"])
+def ref_lm(request) -> LoadedModel:
+    "The two tiny models with every bias and norm randomized (for the costlier tests)."
     return MODELS[request.param]()
 
 

@@ -6,6 +6,10 @@ are read; no HF module forward is ever called. The residual stream is decomposed
 `("v", l, g)`, `("mlp", l)`, `("logits",)`) reads its *own* copy of the residual input, so single edges
 can be patched and per-destination gradients taken via the `dest_input` callback.
 
+Optionally (`gim=...`) applies the backward-only modifications of GIM (Edin et al. 2025, "GIM: Improved
+Interpretability for Large Language Models"): frozen norm scale, temperature-adjusted softmax gradient and
+q/k/v (and gate/up) gradient scaling. Forward values are unchanged bit for bit; only gradients differ.
+
 Assumes eval mode, eager attention, float32, no KV cache, position ids = arange(T).
 """
 import math
@@ -23,15 +27,65 @@ def _gelu_new(x):
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
 
 
-def _layer_norm(x, w, b, eps):
+def _layer_norm(x, w, b, eps, freeze=False):
+    "`freeze` (GIM): sqrt(var+eps) is a constant in the backward pass; the mean subtraction stays differentiated."
     mu = x.mean(-1, keepdim=True)
     var = (x - mu).pow(2).mean(-1, keepdim=True)
-    return (x - mu) / torch.sqrt(var + eps) * w + b
+    std = torch.sqrt(var + eps)
+    return (x - mu) / (std.detach() if freeze else std) * w + b
 
 
-def _rms_norm(x, w, eps):
+def _rms_norm(x, w, eps, freeze=False):
+    "`freeze` (GIM): the rms sqrt(mean(x^2)+eps) is a constant in the backward pass."
     x32 = x.float()
-    return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return w * (x32 * (inv_rms.detach() if freeze else inv_rms)).to(x.dtype)
+
+
+class _TempSoftmax(torch.autograd.Function):
+    """GIM softmax: forward p = softmax(x) (last dim); backward s_T * (g - <g, s_T>) with s_T = softmax(x / T).
+    x is shifted by its row max before dividing, so -inf / finfo.min masked keys stay masked (weight 0)."""
+
+    @staticmethod
+    def forward(ctx, x, T):
+        ctx.save_for_backward(x)
+        ctx.T = T
+        return x.softmax(-1)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        s = ((x - x.amax(-1, keepdim=True)) / ctx.T).softmax(-1)
+        return s * (g - (g * s).sum(-1, keepdim=True)), None
+
+
+class _ScaleGrad(torch.autograd.Function):
+    "Identity in the forward pass; multiplies the incoming gradient by `c` in the backward pass."
+
+    @staticmethod
+    def forward(ctx, x, c):
+        ctx.c = c
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.c, None
+
+
+def _gim_options(gim):
+    """(norm_freeze, softmax_temperature, qkv_scale) from None, a dict, or any object with those attributes.
+    Missing keys/attributes mean "off"; unknown dict keys raise (catches typos)."""
+    names = ("norm_freeze", "softmax_temperature", "qkv_scale")
+    if gim is None:
+        return False, None, False
+    if isinstance(gim, dict):
+        unknown = set(gim) - set(names)
+        if unknown:
+            raise ValueError(f"unknown gim keys {sorted(unknown)}; expected {names}")
+        get = gim.get
+    else:
+        get = lambda n: getattr(gim, n, None)
+    return bool(get("norm_freeze")), get("softmax_temperature"), bool(get("qkv_scale"))
 
 
 def _add(y, b):
@@ -47,8 +101,9 @@ def _weights(model):
     """Arch-agnostic view of the weights. All matrices are in `x @ W` ([in, out]) convention.
 
     Returns (spec, layers): spec has d, H, Hkv, dh, rope (inv_freq or None), norm(x, w, b), embed(ids), W_U, b_U, ln_f;
-    layers[l] has ln1, ln2 (weight, bias-or-None), Wq/Wk/Wv [d, n*dh], bq/bk/bv (or None), Wo [H*dh, d], bo, scale,
-    and an `mlp(x)` closure returning the post-activation hidden (input of c_proj/down_proj) plus Wout/bout.
+    `norm(x, w, b, freeze=False)`; layers[l] has ln1, ln2 (weight, bias-or-None), Wq/Wk/Wv [d, n*dh], bq/bk/bv
+    (or None), Wo [H*dh, d], bo, scale, and an `mlp(x, sg)` closure returning the post-activation hidden (input of
+    c_proj/down_proj) plus Wout/bout; `sg(t, c)` scales the gradient of t by c (GIM: Llama's gate/up outputs).
     """
     cfg, sd = model.config, model.state_dict(keep_vars=True)  # keep_vars: Parameters, so grads can flow
     lin = lambda p: (sd[p + ".weight"].T, sd.get(p + ".bias"))  # nn.Linear [out,in] -> [in,out]
@@ -60,7 +115,7 @@ def _weights(model):
         d, H = cfg.n_embd, cfg.n_head
         s.update(d=d, H=H, Hkv=H, dh=d // H, rope=None)
         eps = cfg.layer_norm_epsilon
-        s["norm"] = lambda x, w, b: _layer_norm(x, w, b, eps)
+        s["norm"] = lambda x, w, b, freeze=False: _layer_norm(x, w, b, eps, freeze)
         s["embed"] = lambda ids: sd["transformer.wte.weight"][ids] + sd["transformer.wpe.weight"][
             torch.arange(ids.shape[1], device=ids.device)]
         s["ln_f"] = (sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"])
@@ -76,7 +131,7 @@ def _weights(model):
                 Wq=Wqkv[:, :d], Wk=Wqkv[:, d:2 * d], Wv=Wqkv[:, 2 * d:],
                 bq=bqkv[:d], bk=bqkv[d:2 * d], bv=bqkv[2 * d:],
                 Wo=sd[p + "attn.c_proj.weight"], bo=sd[p + "attn.c_proj.bias"], scale=scale,
-                mlp=lambda x, Wfc=Wfc, bfc=bfc: _gelu_new(x @ Wfc + bfc),
+                mlp=lambda x, sg, Wfc=Wfc, bfc=bfc: _gelu_new(x @ Wfc + bfc),
                 Wout=sd[p + "mlp.c_proj.weight"], bout=sd[p + "mlp.c_proj.bias"]))
     elif cfg.model_type == "llama":
         assert cfg.hidden_act == "silu", cfg.hidden_act
@@ -88,7 +143,7 @@ def _weights(model):
         inv_freq = 1.0 / (rp["rope_theta"] ** (torch.arange(0, dh, 2, dtype=torch.float) / dh))
         s.update(d=d, H=H, Hkv=Hkv, dh=dh, rope=inv_freq)
         eps = cfg.rms_norm_eps
-        s["norm"] = lambda x, w, b: _rms_norm(x, w, eps)
+        s["norm"] = lambda x, w, b, freeze=False: _rms_norm(x, w, eps, freeze)
         s["embed"] = lambda ids: sd["model.embed_tokens.weight"][ids]
         s["ln_f"] = (sd["model.norm.weight"], None)
         for l in range(cfg.num_hidden_layers):
@@ -98,7 +153,8 @@ def _weights(model):
             layers.append(dict(
                 ln1=(sd[p + "input_layernorm.weight"], None), ln2=(sd[p + "post_attention_layernorm.weight"], None),
                 Wq=Wq, Wk=Wk, Wv=Wv, bq=bq, bk=bk, bv=bv, Wo=Wo, bo=bo, scale=dh ** -0.5,
-                mlp=lambda x, Wg=Wg, bg=bg, Wu=Wu, bu=bu: F.silu(_add(x @ Wg, bg)) * _add(x @ Wu, bu),
+                mlp=lambda x, sg, Wg=Wg, bg=bg, Wu=Wu, bu=bu:  # GIM: gate/up output grads x0.5
+                    F.silu(sg(_add(x @ Wg, bg), 0.5)) * sg(_add(x @ Wu, bu), 0.5),
                 Wout=Wd, bout=bd))
     else:
         raise NotImplementedError(cfg.model_type)
@@ -117,7 +173,7 @@ def upstream_sources(dest_key, n_layers, n_heads):
     return srcs
 
 
-def reference_forward(hf_model, input_ids, attention_mask=None, dest_input=None):
+def reference_forward(hf_model, input_ids, attention_mask=None, dest_input=None, gim=None):
     """Plain-PyTorch forward of a GPT-2 / Llama causal LM, decomposed into graph nodes.
 
     `dest_input(dest_key, upstream) -> x_d` (optional) chooses the residual input of each destination;
@@ -127,9 +183,20 @@ def reference_forward(hf_model, input_ids, attention_mask=None, dest_input=None)
     Returns dict(logits=[B,T,V], node_outputs={src: [B,T,d]}, dest_inputs={dest: [B,T,d]},
     attn_probs={l: [B,H,T,T]}, mlp_hidden={l: [B,T,d_mlp]}, head_z={l: [B,T,H,dh]},
     q={l: [B,T,H,dh]}, k={l: [B,T,Hkv,dh]}, v={l: [B,T,Hkv,dh]}) with q/k pre-RoPE (incl. bias).
+
+    `gim` (optional): None, a dict, or an object with `norm_freeze: bool`, `softmax_temperature: float | None`,
+    `qkv_scale: bool` (missing = off). Backward-only GIM modifications, each independent:
+      norm_freeze: every LayerNorm/RMSNorm treats its std/rms as a constant (detached);
+      softmax_temperature=T: attention softmax backward uses softmax(scores / T) (see `_TempSoftmax`);
+      qkv_scale: gradients into each head's projected q, k (x0.25) and v (x0.5), and into Llama's gate_proj /
+        up_proj outputs (x0.5), are scaled. GPT-2's MLP is not gated and is left alone.
     """
     s, layers = _weights(hf_model)
-    H, Hkv, dh, norm = s["H"], s["Hkv"], s["dh"], s["norm"]
+    H, Hkv, dh = s["H"], s["Hkv"], s["dh"]
+    norm_freeze, temperature, qkv_scale = _gim_options(gim)
+    norm = lambda x, w, b: s["norm"](x, w, b, norm_freeze)
+    sg = (lambda t, c: _ScaleGrad.apply(t, c)) if qkv_scale else (lambda t, c: t)
+    softmax = (lambda x: x.softmax(-1)) if temperature is None else (lambda x: _TempSoftmax.apply(x, temperature))
     B, T = input_ids.shape
     dev = input_ids.device
     if attention_mask is None:
@@ -146,13 +213,14 @@ def reference_forward(hf_model, input_ids, attention_mask=None, dest_input=None)
         out["dest_inputs"][key] = x
         return x
 
-    def proj(kind, l, n, W, b, ln):
-        "Per-head projection: each head reads its own x_d, normalises it, multiplies by its weight slice."
+    def proj(kind, l, n, W, b, ln, c):
+        """Per-head projection: each head reads its own x_d, normalises it, multiplies by its weight slice.
+        `c`: GIM gradient scale of the projected head (applied only with qkv_scale)."""
         heads = []
         for h in range(n):
             sl = slice(h * dh, (h + 1) * dh)
             y = norm(read((kind, l, h)), *ln) @ W[:, sl]
-            heads.append(y if b is None else y + b[sl])
+            heads.append(sg(y if b is None else y + b[sl], c))
         return torch.stack(heads, dim=2)  # [B,T,n,dh]
 
     upstream[("input",)] = s["embed"](input_ids)
@@ -162,9 +230,9 @@ def reference_forward(hf_model, input_ids, attention_mask=None, dest_input=None)
         cos, sin = emb.cos()[None, :, None], emb.sin()[None, :, None]  # [1,T,1,dh]
 
     for l, P in enumerate(layers):
-        q = proj("q", l, H, P["Wq"], P["bq"], P["ln1"])
-        k = proj("k", l, Hkv, P["Wk"], P["bk"], P["ln1"])
-        v = proj("v", l, Hkv, P["Wv"], P["bv"], P["ln1"])
+        q = proj("q", l, H, P["Wq"], P["bq"], P["ln1"], 0.25)
+        k = proj("k", l, Hkv, P["Wk"], P["bk"], P["ln1"], 0.25)
+        v = proj("v", l, Hkv, P["Wv"], P["bv"], P["ln1"], 0.5)
         out["q"][l], out["k"][l], out["v"][l] = q, k, v
         if s["rope"] is not None:
             q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
@@ -172,14 +240,14 @@ def reference_forward(hf_model, input_ids, attention_mask=None, dest_input=None)
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * P["scale"]
         scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        probs = scores.float().softmax(-1).to(q.dtype)
+        probs = softmax(scores.float()).to(q.dtype)
         z = torch.einsum("bhqk,bkhd->bqhd", probs, v)  # [B,T,H,dh]
         out["attn_probs"][l], out["head_z"][l] = probs, z
         for h in range(H):
             o = z[:, :, h] @ P["Wo"][h * dh:(h + 1) * dh]
             upstream[("head", l, h)] = _add(o, None if P["bo"] is None else P["bo"] / H)
 
-        hid = P["mlp"](norm(read(("mlp", l)), *P["ln2"]))
+        hid = P["mlp"](norm(read(("mlp", l)), *P["ln2"]), sg)
         out["mlp_hidden"][l] = hid
         upstream[("mlp", l)] = _add(hid @ P["Wout"], P["bout"])
 

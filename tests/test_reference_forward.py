@@ -6,7 +6,10 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from types import SimpleNamespace  # noqa: E402
+
 from reference_forward import reference_forward, tiny_gpt2, tiny_llama, upstream_sources  # noqa: E402
+from reference_forward import _layer_norm, _rms_norm, _TempSoftmax  # noqa: E402
 
 MODELS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "gpt2_sharp": lambda: tiny_gpt2(initializer_range=0.2),
           "llama_sharp": lambda: tiny_llama(initializer_range=0.2)}
@@ -149,3 +152,128 @@ def test_patch_all_edges_from_input_and_grads(setup):
     torch.testing.assert_close(out["logits"][s["valid"]], hf_c[s["valid"]], atol=s["atol"], rtol=0)
     out["logits"][s["valid"]].logsumexp(-1).sum().backward()
     assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in leaves.values())
+
+
+# ---------------------------------------------------------------- GIM (backward-only modifications) ---------------
+GIM_ALL = dict(norm_freeze=True, softmax_temperature=2.0, qkv_scale=True)
+GIM_VARIANTS = {"norm_freeze": dict(norm_freeze=True), "temperature": dict(softmax_temperature=2.0),
+                "temperature_low": dict(softmax_temperature=0.3), "qkv_scale": dict(qkv_scale=True), "all": GIM_ALL}
+
+
+def _metric(logits, n=3):
+    "Mean log-prob of the actual next token over the last `n` predicted positions of row 0 (no padding there)."
+    return lambda ids: logits[0, -n - 1:-1].log_softmax(-1).gather(-1, ids[0, -n:, None]).mean()
+
+
+@pytest.mark.parametrize("arch", ["gpt2_sharp", "llama_sharp"])
+@pytest.mark.parametrize("variant", list(GIM_VARIANTS))
+def test_gim_forward_bit_identical(arch, variant):
+    "Every GIM switch (alone / together; as dict or as object) leaves the forward values untouched, bit for bit."
+    model, (ids, am) = MODELS[arch](), _batch()
+    plain = reference_forward(model, ids, am)
+    for gim in (GIM_VARIANTS[variant], SimpleNamespace(**GIM_VARIANTS[variant])):
+        out = reference_forward(model, ids, am, gim=gim)
+        assert torch.equal(out["logits"], plain["logits"])
+        assert all(torch.equal(out["attn_probs"][l], plain["attn_probs"][l]) for l in plain["attn_probs"])
+    with torch.no_grad():  # custom Functions also work without autograd
+        assert torch.equal(reference_forward(model, ids, am, gim=GIM_VARIANTS[variant])["logits"], plain["logits"])
+
+
+def test_gim_rejects_unknown_keys():
+    model, (ids, am) = tiny_gpt2(), _batch()
+    with pytest.raises(ValueError):
+        reference_forward(model, ids, am, gim=dict(norm_freez=True))
+
+
+def test_gim_norm_freeze_closed_form():
+    "Frozen std/rms: dL/dx = w*g/r (RMS) and (g*w - mean(g*w))/sigma (LayerNorm); differs from the true gradient."
+    g_ = torch.Generator().manual_seed(0)
+    x0, g, w, b = (torch.randn(2, 5, 16, generator=g_) * 3 + 1, torch.randn(2, 5, 16, generator=g_),
+                   1 + 0.3 * torch.randn(16, generator=g_), torch.randn(16, generator=g_))
+    eps = 1e-5
+
+    def grad(fn, freeze):
+        x = x0.clone().requires_grad_()
+        y = fn(x, freeze)
+        (y * g).sum().backward()
+        return y.detach(), x.grad
+
+    r = torch.sqrt(x0.pow(2).mean(-1, keepdim=True) + eps)
+    sigma = torch.sqrt(x0.var(-1, unbiased=False, keepdim=True) + eps)
+    closed = {"rms": w * g / r, "ln": (g * w - (g * w).mean(-1, keepdim=True)) / sigma}
+    fns = {"rms": lambda x, f: _rms_norm(x, w, eps, f), "ln": lambda x, f: _layer_norm(x, w, b, eps, f)}
+    for name, fn in fns.items():
+        (y_plain, g_plain), (y_frozen, g_frozen) = grad(fn, False), grad(fn, True)
+        assert torch.equal(y_plain, y_frozen)
+        torch.testing.assert_close(g_frozen, closed[name], atol=1e-6, rtol=1e-5)
+        assert not torch.allclose(g_frozen, g_plain, atol=1e-3), name
+
+
+@pytest.mark.parametrize("T", [0.3, 1.0, 2.0])
+def test_gim_softmax_temperature_backward(T):
+    "Custom softmax: forward = torch softmax; backward = s_T*(g - <g,s_T>); T=1 is torch's gradient; masks hold."
+    g_ = torch.Generator().manual_seed(0)
+    x0, g = torch.randn(2, 3, 6, 7, generator=g_) * 2, torch.randn(2, 3, 6, 7, generator=g_)
+    mask = torch.ones(6, 7, dtype=torch.bool).tril()  # every row keeps key 0
+    x0 = x0.masked_fill(~mask, torch.finfo(x0.dtype).min)
+    x, xr = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+    p, pr = _TempSoftmax.apply(x, T), xr.softmax(-1)
+    assert torch.equal(p, pr)
+    (p * g).sum().backward()
+    (pr * g).sum().backward()
+    s = (x0 / T).softmax(-1)
+    torch.testing.assert_close(x.grad, s * (g - (g * s).sum(-1, keepdim=True)), atol=1e-6, rtol=1e-5)
+    assert torch.all(x.grad[..., ~mask] == 0)
+    if T == 1.0:
+        torch.testing.assert_close(x.grad, xr.grad, atol=1e-6, rtol=1e-5)
+    else:
+        assert not torch.allclose(x.grad, xr.grad, atol=1e-4)
+
+
+def _dest_grads(model, ids, am, gim, cut_last_mlp=False):
+    """dL/dx_d for every destination, via a zero leaf added to each destination input. `cut_last_mlp` detaches the
+    last MLP's input, so the last layer's attention gradients see only the logits path."""
+    leaves, last = {}, ("mlp", model.config.num_hidden_layers - 1)
+
+    def cb(key, up):
+        x = sum(up.values())
+        leaves[key] = torch.zeros_like(x, requires_grad=True)
+        return (x.detach() if cut_last_mlp and key == last else x) + leaves[key]
+
+    out = reference_forward(model, ids, am, dest_input=cb, gim=gim)
+    _metric(out["logits"])(ids).backward()
+    return {k: v.grad for k, v in leaves.items()}
+
+
+@pytest.mark.parametrize("arch", ["gpt2_sharp", "llama_sharp"])
+def test_gim_qkv_scale_destination_grads(arch):
+    """qkv_scale alone, last layer: q and k destination grads are exactly 0.25x, v 0.5x the plain ones (scaling by a
+    power of two is exact). The logits destination is unchanged; the last MLP destination is unchanged for GPT-2
+    (not gated) and exactly 0.5x for Llama (gate and up both 0.5x). Earlier layers also see the scaled gradients of
+    later layers, so only the last layer is checked. For Llama the last MLP's 0.5x also feeds back into the last
+    layer's heads through the residual stream, so there q/k/v are compared with that MLP's input detached."""
+    model, (ids, am) = MODELS[arch](), _batch()
+    cfg, l = model.config, model.config.num_hidden_layers - 1
+    gated = cfg.model_type == "llama"
+    plain, scaled = (_dest_grads(model, ids, am, gim) for gim in (None, dict(qkv_scale=True)))
+    assert torch.equal(scaled[("logits",)], plain[("logits",)])
+    assert torch.equal(scaled[("mlp", l)], 0.5 * plain[("mlp", l)] if gated else plain[("mlp", l)])
+    if gated:
+        plain, scaled = (_dest_grads(model, ids, am, gim, cut_last_mlp=True) for gim in (None, dict(qkv_scale=True)))
+    n_kv = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+    for kind, n, c in (("q", cfg.num_attention_heads, 0.25), ("k", n_kv, 0.25), ("v", n_kv, 0.5)):
+        for h in range(n):
+            key = (kind, l, h)
+            assert plain[key].abs().sum() > 0, key
+            assert torch.equal(scaled[key], c * plain[key]), key
+
+
+@pytest.mark.parametrize("arch", ["gpt2_sharp", "llama_sharp"])
+def test_gim_switches_change_model_grads(arch):
+    "End to end: every switch changes dL/d(input embedding); softmax_temperature=1 reproduces the plain gradient."
+    model, (ids, am) = MODELS[arch](), _batch()
+    g = {name: _dest_grads(model, ids, am, gim)[("q", 0, 0)]
+         for name, gim in dict(plain=None, t1=dict(softmax_temperature=1.0), **GIM_VARIANTS).items()}
+    torch.testing.assert_close(g["t1"], g["plain"], atol=1e-6, rtol=1e-5)
+    for name in GIM_VARIANTS:
+        assert not torch.allclose(g[name], g["plain"], atol=1e-5, rtol=1e-3), name
