@@ -14,7 +14,7 @@ from summcircuit.lora import (KeepBest, add_lora, full, lora_circuit, lora_rando
 from summcircuit.models import load_model, tiny_model
 
 CFG = TrainingConfig(max_source_tokens=64, bakeoff_batch_size=2, bakeoff_max_steps=3, eval_every=3, patience=5,
-                     warmup_steps=0, bakeoff_learning_rate=2e-2, max_new_tokens=4)
+                     warmup_steps=0, bakeoff_learning_rate=2e-2, max_new_tokens=4, lora_alpha=8)
 TRAIN, VAL = synthetic_examples(6), synthetic_examples(2, seed=9)
 MODULE_SETS = [m for k in (1, 2, 3) for m in combinations(("q", "k", "v", "o", "mlp"), k)]
 
