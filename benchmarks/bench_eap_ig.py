@@ -60,6 +60,21 @@ def peak_rss(fn, interval=0.05):
     return peak[0], proc_rss
 
 
+def memory_at(lm, tokens: int, ig_steps: int) -> dict:
+    "Peak memory of one EAP-IG attribution of one example of `tokens` source tokens."
+    pm = pair_of_length(lm, tokens)
+    if lm.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        attribute(lm, [pm], "eap-ig", ig_steps=ig_steps, progress=False)
+        return {"tokens": len(pm.clean.input_ids), "cuda_peak_GiB": torch.cuda.max_memory_allocated() / 2**30}
+    batch = collate([pm.clean], lm.tokenizer.pad_token_id)
+    floor_peak, floor_before = peak_rss(lambda: floor(lm, batch, 1, True))   # one plain forward+backward, for scale
+    peak, before = peak_rss(lambda: attribute(lm, [pm], "eap-ig", ig_steps=ig_steps, progress=False))
+    return {"tokens": len(pm.clean.input_ids), "peak_rss_GiB": peak / 2**30,
+            "rss_before_GiB (model loaded)": before / 2**30, "increase_GiB": (peak - before) / 2**30,
+            "plain_forward_backward_increase_GiB": (floor_peak - floor_before) / 2**30}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -76,6 +91,11 @@ def main():
     clean, corr = (collate([p], lm.tokenizer.pad_token_id).to(lm.device) for p in (pair.clean, pair.corrupted))
     T, m = clean.input_ids.shape[1], a.ig_steps
     print(f"{a.model}: {T} tokens ({pair.clean.summary_start} source), ig_steps={m}, {torch.get_num_threads()} threads, device {lm.device}")
+    result = {"model": a.model, "tokens": T, "ig_steps": m}
+    if a.memory_tokens:   # first, in a process that has done nothing else: the allocator holds no earlier peaks
+        result["memory"] = memory_at(lm, a.memory_tokens, m)
+        print("memory:", result["memory"])
+    if a.repeats < 1: return write(result, a.out)
     run = lambda: attribute(lm, [pair], "eap-ig", ig_steps=m, progress=False)
     run(); floor(lm, clean, 1, True)                                     # warm-up
     rows = []
@@ -90,23 +110,17 @@ def main():
              f"destination_gradients x{m}": timed(lambda: [destination_gradients(lm, clean, graph=g) for _ in range(m)])}
     z = node_outputs(lm, clean); gr = destination_gradients(lm, clean, graph=g)[0]
     parts["edge_scores"] = timed(lambda: edge_scores(g, z, gr)); del z, gr
-    result = {"model": a.model, "tokens": T, "ig_steps": m, "repeats": rows,
+    result |= {"repeats": rows,
               "ratio_vs_floor_weights": {"min": min(ratios["floor_weights"]), "median": statistics.median(ratios["floor_weights"])},
               "ratio_vs_floor_activations": {"min": min(ratios["floor_activations"]), "median": statistics.median(ratios["floor_activations"])},
               "breakdown_s": parts}
-    if a.memory_tokens:
-        pm = pair_of_length(lm, a.memory_tokens)
-        if lm.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            attribute(lm, [pm], "eap-ig", ig_steps=m, progress=False)
-            result["memory"] = {"tokens": len(pm.clean.input_ids), "cuda_peak_GiB": torch.cuda.max_memory_allocated() / 2**30}
-        else:
-            peak, before = peak_rss(lambda: attribute(lm, [pm], "eap-ig", ig_steps=m, progress=False))
-            result["memory"] = {"tokens": len(pm.clean.input_ids), "peak_rss_GiB": peak / 2**30,
-                                "rss_before_GiB (model loaded)": before / 2**30, "increase_GiB": (peak - before) / 2**30}
+    write(result, a.out)
+
+
+def write(result: dict, out: str) -> None:
     print(json.dumps({k: v for k, v in result.items() if k != "repeats"}, indent=1))
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=1))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

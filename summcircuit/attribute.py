@@ -14,13 +14,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .core import load_json, load_tensors, save_json, save_tensors
-from .data import Batch, Prompt, collate, summary_logprob
+from .corrupt import pair_batches
+from .data import Batch, summary_logprob
 from .graph import Graph, check_aligned, node_outputs
 from .models import ArchSpec, LoadedModel, get_module
 
 # %% auto #0
 __all__ = ['QK_SCALE', 'V_SCALE', 'GATE_SCALE', 'METHODS', 'GIM', 'as_gim', 'frozen_parameters', 'destination_gradients',
-           'logits_with_gim', 'edge_scores', 'Attribution', 'load_attribution', 'pair_batches', 'attribute']
+           'logits_with_gim', 'edge_scores', 'Attribution', 'load_attribution', 'attribute']
 
 # %% ../nbs/07_attribute.ipynb #9e09ada0
 @dataclass(frozen=True)
@@ -65,11 +66,6 @@ def _check_eager(lm: LoadedModel) -> None:
                          "kernel never materializes: load the model with attn_implementation=\"eager\" "
                          "(summcircuit.models.load_model always does).")
 
-def _norm_vjp(spec: ArchSpec, module, x: torch.Tensor, g: torch.Tensor, freeze: bool) -> torch.Tensor:
-    "Pull gradients `g` `[n, b, pos, d]` at a norm's output back to its input `x` `[b, pos, d]`, for all n at once."
-    _, vjp = torch.func.vjp(lambda inp: spec.apply_norm(module, inp, freeze_scale=freeze), x)
-    return torch.func.vmap(vjp)(g)[0]
-
 @contextmanager
 def frozen_parameters(module: torch.nn.Module):
     "Switch off `requires_grad` of every parameter for the duration (restoring it after)."
@@ -80,8 +76,10 @@ def frozen_parameters(module: torch.nn.Module):
         for p in params: p.requires_grad_(True)
 
 def destination_gradients(lm: LoadedModel, batch: Batch, gim: GIM = GIM(), graph: Graph | None = None,
-                          layer0_input: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    "∂(Σ metric)/∂x_d for every destination `[n_destinations, b, pos, d]`, and the metric per example `[b]`."
+                          layer0_input: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                          weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """∂(Σ metric)/∂x_d for every destination `[n_destinations, b, pos, d]`, and the metric per example `[b]`.
+    With `out`, `weight` times the gradients are added into it in place (EAP-IG's average, without a copy per step)."""
     model, spec, hf = lm.model, lm.spec, lm.hf
     graph = graph or Graph(spec)
     if gim.softmax_temperature is not None: _check_eager(lm)
@@ -125,24 +123,27 @@ def destination_gradients(lm: LoadedModel, batch: Batch, gim: GIM = GIM(), graph
                         if gim.qkv_scale: g = g * s; t.grad = g
                         got.insert(0, g)
                 grads[("qkv", l)] = torch.cat(got, dim=-1).save()
-    return _pull_back(lm, graph, grads, [x.detach() for x in norm_in], gim), metric.detach()
+    return _pull_back(lm, graph, grads, [x.detach() for x in norm_in], gim, out, weight), metric.detach()
 
-def _pull_back(lm: LoadedModel, graph: Graph, grads: dict, norm_in: list, gim: GIM) -> torch.Tensor:
-    "Turn projection / norm-output gradients into per-destination input gradients."
+def _pull_back(lm: LoadedModel, graph: Graph, grads: dict, norm_in: list, gim: GIM,
+               out: torch.Tensor | None = None, weight: float = 1.0) -> torch.Tensor:
+    "Turn projection / norm-output gradients into per-destination input gradients (added, times `weight`, into `out`)."
     spec, hf = lm.spec, lm.hf
     H, K, dh = spec.n_heads, spec.n_kv_heads, spec.d_head
     g0 = grads["final"]
-    out = g0.new_zeros(graph.n_destinations, *g0.shape)
+    if out is None: out = g0.new_zeros(graph.n_destinations, *g0.shape)
+    def add(rows, where: str, l: int | None, x: torch.Tensor, g: torch.Tensor):
+        out[rows].add_(spec.norm_vjp(spec.norm_module(hf, where, l), x, g, gim.norm_freeze), alpha=weight)
     for l in range(spec.n_layers):
         g = grads[("qkv", l)]
         gq, gk, gv = g.split([H * dh, K * dh, K * dh], dim=-1)
-        per_head = [torch.einsum("btnk,nmk->nbtm", gx.unflatten(-1, (-1, dh)), W)
-                    for gx, W in zip((gq, gk, gv), spec.W_QKV(hf, l))]
-        out[graph.attn_destinations(l)] = _norm_vjp(spec, spec.norm_module(hf, "attn", l), norm_in[2 * l],
-                                                    torch.cat(per_head), gim.norm_freeze)
-        out[graph.mlp_destination(l)] = _norm_vjp(spec, spec.norm_module(hf, "mlp", l), norm_in[2 * l + 1],
-                                                  grads[("mlp", l)][None], gim.norm_freeze)[0]
-    out[-1] = _norm_vjp(spec, spec.norm_module(hf, "final"), norm_in[-1], g0[None], gim.norm_freeze)[0]
+        first = graph.attn_destinations(l).start                     # q heads, then k, then v heads
+        for gx, W, n in zip((gq, gk, gv), spec.W_QKV(hf, l), (H, K, K)):
+            add(slice(first, first + n), "attn", l, norm_in[2 * l], torch.einsum("btnk,nmk->nbtm", gx.unflatten(-1, (-1, dh)), W))
+            first += n
+        m = graph.mlp_destination(l)
+        add(slice(m, m + 1), "mlp", l, norm_in[2 * l + 1], grads[("mlp", l)][None])
+    add(slice(graph.n_destinations - 1, None), "final", None, norm_in[-1], g0[None])
     return out.detach()
 
 # %% ../nbs/07_attribute.ipynb #9732c11e
@@ -161,14 +162,15 @@ def logits_with_gim(lm: LoadedModel, batch: Batch, gim: GIM) -> torch.Tensor:
 # %% ../nbs/07_attribute.ipynb #c96c5ece
 def edge_scores(graph: Graph, delta: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
     "Σ over batch, positions, d_model of Δz_u · ∂m/∂x_v for every edge `[n_sources, n_destinations]` (float32)."
-    delta, grads = delta.float(), grads.float()
+    delta = delta.float().reshape(graph.n_sources, -1)              # one matrix product per layer
+    grads = grads.float().reshape(graph.n_destinations, -1)
     out = delta.new_zeros(graph.n_sources, graph.n_destinations)
     for l in range(graph.spec.n_layers):
         n, cols = graph.n_upstream_attn(l), graph.attn_destinations(l)
-        out[:n, cols] = torch.einsum("nbtm,dbtm->nd", delta[:n], grads[cols])
+        out[:n, cols] = delta[:n] @ grads[cols].T
         n, col = graph.n_upstream_mlp(l), graph.mlp_destination(l)
-        out[:n, col] = torch.einsum("nbtm,btm->n", delta[:n], grads[col])
-    out[:, -1] = torch.einsum("nbtm,btm->n", delta, grads[-1])
+        out[:n, col] = delta[:n] @ grads[col]
+    out[:, -1] = delta @ grads[-1]
     return out
 
 # %% ../nbs/07_attribute.ipynb #1a4f9919
@@ -215,19 +217,6 @@ def load_attribution(folder: str | Path, spec: ArchSpec) -> Attribution:
     return Attribution(scores, graph, meta["method"], meta["ig_steps"], GIM(**meta["gim"]), meta["n_examples"],
                        meta["metric_clean"], meta["metric_corrupted"])
 
-def pair_batches(pairs: Sequence, batch_size: int, pad_id: int) -> list[tuple[Batch, Batch]]:
-    "Group clean/corrupted pairs into aligned `(Batch, Batch)` tuples of up to `batch_size` examples."
-    items = [(p.clean, p.corrupted) if hasattr(p, "clean") else tuple(p) for p in pairs]
-    if not items: raise ValueError("No clean/corrupted pairs to attribute: pass at least one.")
-    if isinstance(items[0][0], Batch): return items
-    out = []
-    for i in range(0, len(items), batch_size):
-        chunk = items[i:i + batch_size]
-        clean, corr = collate([c for c, _ in chunk], pad_id), collate([c for _, c in chunk], pad_id)
-        check_aligned(clean, corr)
-        out.append((clean, corr))
-    return out
-
 # %% ../nbs/07_attribute.ipynb #3b7140e7
 def attribute(lm: LoadedModel, pairs: Sequence, method: str = "eap-ig", ig_steps: int = 5,
               gim: GIM | bool | None = None, batch_size: int = 1, progress: bool = True) -> Attribution:
@@ -235,7 +224,7 @@ def attribute(lm: LoadedModel, pairs: Sequence, method: str = "eap-ig", ig_steps
     if method not in METHODS: raise ValueError(f"Unknown method {method!r}: use one of {METHODS}.")
     if method == "eap-ig" and ig_steps < 1: raise ValueError(f"ig_steps must be at least 1, got {ig_steps}.")
     gim, graph = as_gim(gim), Graph(lm.spec)
-    batches = pair_batches(pairs, batch_size, lm.tokenizer.pad_token_id)
+    batches = pair_batches(pairs, lm.tokenizer.pad_token_id, batch_size)
     total = torch.zeros(graph.n_sources, graph.n_destinations, device=lm.device)
     m_clean = m_corr = 0.0
     n = 0
@@ -244,18 +233,20 @@ def attribute(lm: LoadedModel, pairs: Sequence, method: str = "eap-ig", ig_steps
         check_aligned(clean, corr)
         z_clean, logits_clean = node_outputs(lm, clean, return_logits=True)
         z_corr, logits_corr = node_outputs(lm, corr, return_logits=True)
-        delta = (z_clean - z_corr) * clean.attention_mask[None, :, :, None]
+        emb_clean, emb_corr = z_clean[0].clone(), z_corr[0].clone()      # the input node's output: the embeddings
+        delta = z_clean.sub_(z_corr).mul_(clean.attention_mask[None, :, :, None])   # in place: memory stays bounded
+        del z_clean, z_corr
         if method == "eap":
             grads = destination_gradients(lm, corr, gim, graph)[0]
         else:
-            grads = torch.zeros(graph.n_destinations, *z_clean.shape[1:], device=lm.device)
+            grads = None
             for k in range(ig_steps):
-                e_k = z_corr[0] + (k / ig_steps) * (z_clean[0] - z_corr[0])
-                grads += destination_gradients(lm, clean, gim, graph, layer0_input=e_k)[0] / ig_steps
+                e_k = emb_corr + (k / ig_steps) * (emb_clean - emb_corr)
+                grads = destination_gradients(lm, clean, gim, graph, layer0_input=e_k, out=grads, weight=1 / ig_steps)[0]
         total += edge_scores(graph, delta, grads)
         m_clean += summary_logprob(logits_clean, clean).sum().item()
         m_corr += summary_logprob(logits_corr, corr).sum().item()
         n += len(clean)
-        del z_clean, z_corr, delta, grads
+        del delta, grads
         gc.collect()
     return Attribution((total / n).cpu(), graph, method, ig_steps if method == "eap-ig" else 0, gim, n, m_clean / n, m_corr / n)

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .attribute import Attribution, pair_batches
+from .attribute import Attribution
+from .corrupt import pair_batches
 from .data import Batch, summary_logprob
 from .graph import Graph, run_with_patched_edges
 from .models import LoadedModel
@@ -97,7 +98,7 @@ class PatchBatch:
 def patch_batches(lm: LoadedModel, pairs: Sequence, batch_size: int = 4) -> list[PatchBatch]:
     "Batch `pairs` and run the corrupted inputs once."
     from summcircuit.graph import node_outputs
-    return [PatchBatch(c, k, node_outputs(lm, k)) for c, k in pair_batches(pairs, batch_size, lm.tokenizer.pad_token_id)]
+    return [PatchBatch(c, k, node_outputs(lm, k)) for c, k in pair_batches(pairs, lm.tokenizer.pad_token_id, batch_size)]
 
 def circuit_metric(lm: LoadedModel, batches: Sequence[PatchBatch], circuit: torch.Tensor, graph: Graph) -> float:
     "Mean task metric with every edge outside `circuit` patched to its corrupted value."

@@ -156,17 +156,28 @@ def build_pairs(examples: Sequence[SummaryExample], tokenizer: PreTrainedTokeniz
     return pairs
 
 # %% ../nbs/04_corrupt.ipynb #5d5000ba
+def _prompt_pair(pair) -> tuple:
+    "The (clean, corrupted) of a `CorruptedPair` or of a 2-tuple."
+    return (pair.clean, pair.corrupted) if hasattr(pair, "clean") else tuple(pair)
+
 def pair_batch(pairs: Sequence[CorruptedPair], pad_id: int) -> tuple[Batch, Batch]:
     "Aligned clean and corrupted batches of `pairs` (same shape, padding and summary tokens)."
-    clean = collate([p.clean for p in pairs], pad_id)
-    corrupted = collate([p.corrupted for p in pairs], pad_id)
+    items = [_prompt_pair(p) for p in pairs]
+    clean = collate([c for c, _ in items], pad_id)
+    corrupted = collate([k for _, k in items], pad_id)
     check_aligned(clean, corrupted)
     return clean, corrupted
 
-def pair_batches(pairs: Sequence[CorruptedPair], pad_id: int, batch_size: int = 4) -> list[tuple[Batch, Batch]]:
-    "`pairs` in aligned clean/corrupted batches of `batch_size`."
+def pair_batches(pairs: Sequence, pad_id: int, batch_size: int = 4) -> list[tuple[Batch, Batch]]:
+    """`pairs` in aligned clean/corrupted batches of `batch_size`: `CorruptedPair`s, `(Prompt, Prompt)` tuples,
+    or `(Batch, Batch)` tuples, which are checked and passed through as they are."""
     if batch_size < 1: raise ValueError(f"batch_size={batch_size}: use at least 1.")
-    return [pair_batch(pairs[i:i + batch_size], pad_id) for i in range(0, len(pairs), batch_size)]
+    items = [_prompt_pair(p) for p in pairs]
+    if not items: raise ValueError("No clean/corrupted pairs: pass at least one (see build_pairs).")
+    if isinstance(items[0][0], Batch):
+        for c, k in items: check_aligned(c, k)
+        return items
+    return [pair_batch(items[i:i + batch_size], pad_id) for i in range(0, len(items), batch_size)]
 
 # %% ../nbs/04_corrupt.ipynb #dc4a65ee
 def save_pairs(path: str | Path, pairs: Sequence[CorruptedPair]) -> Path:

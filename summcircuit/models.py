@@ -21,7 +21,7 @@ from .core import atomic_path, cache_dir, hub_offline, hub_reachable, resolve_de
 __all__ = ['LLAMA_FAMILY', 'EOT', 'TINY_CONFIGS', 'SMOLLM2_GGUF', 'INSTALL_SMOLLM2', 'EMBEDDED', 'WEIGHT_FILES', 'get_module',
            'ArchSpec', 'resid_pre', 'qkv', 'set_qkv', 'pattern', 'z', 'resid_mid', 'mlp_post', 'mlp_out', 'resid_post',
            'resid_final', 'attn_source', 'attn_softmax', 'W_QKV', 'b_QKV', 'W_O', 'b_O', 'norm_module', 'apply_norm',
-           'arch_spec', 'byte_tokenizer', 'tiny_model', 'smollm2_gguf_folder', 'LoadedModel', 'load_model']
+           'norm_vjp', 'arch_spec', 'byte_tokenizer', 'tiny_model', 'smollm2_gguf_folder', 'LoadedModel', 'load_model']
 
 # %% ../nbs/01_models.ipynb #f1b36c5a
 def get_module(root: Any, path: str) -> Any:
@@ -180,7 +180,24 @@ def apply_norm(self: ArchSpec, module, x: torch.Tensor, freeze_scale: bool = Fal
     rms_inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.norm_eps)
     return module.weight * (xf * (rms_inv.detach() if freeze_scale else rms_inv)).to(x.dtype)
 
-for _f in (W_QKV, b_QKV, W_O, b_O, norm_module, apply_norm):
+def norm_vjp(self: ArchSpec, module, x: torch.Tensor, g: torch.Tensor, freeze_scale: bool = False) -> torch.Tensor:
+    """Gradients `g` `[..., b, pos, d]` at the output of norm `module` pulled back to its input `x` `[b, pos, d]`:
+    the vector-Jacobian product of `apply_norm`, in closed form so that any number of leading `g` dims cost one pass."""
+    # only `dx` is as large as `g`: the other terms are [b, pos, d] or reductions over d (memory-bound, keep it lean)
+    xf, gf, w = x.float(), g.float(), module.weight.float()
+    dot = lambda v: torch.linalg.vecdot(gf, v, dim=-1)[..., None] / self.d_model    # mean over d of g * v
+    if self.norm_kind == "layernorm":
+        centered = xf - xf.mean(-1, keepdim=True)
+        inv_std = torch.rsqrt(centered.pow(2).mean(-1, keepdim=True) + self.norm_eps)
+        dx = (gf * w).sub_(dot(w.expand_as(xf)))
+        if not freeze_scale: dx.addcmul_(centered * inv_std ** 2, dot(w * centered), value=-1)
+        return dx.mul_(inv_std).to(g.dtype)
+    rms_inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.norm_eps)
+    dx = gf * (w * rms_inv)
+    if not freeze_scale: dx.addcmul_(xf * rms_inv ** 3, dot(w * xf), value=-1)
+    return dx.to(g.dtype)
+
+for _f in (W_QKV, b_QKV, W_O, b_O, norm_module, apply_norm, norm_vjp):
     setattr(ArchSpec, _f.__name__, _f)
 
 # %% ../nbs/01_models.ipynb #b9491c63

@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_pipeline.ipynb #25fab786
 from __future__ import annotations
-import argparse, ast, importlib.util, os, shutil, sys, time
+import argparse, ast, importlib.util, os, re, shutil, sys, time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -21,9 +21,10 @@ from .models import load_model
 
 # %% auto #0
 __all__ = ['SHARED_PARAMETERS', 'STAGES', 'DEMO_TAG', 'layer_entropies', 'project_root', 'runs_root', 'RunConfig', 'load_config',
-           'notebook_parameters', 'notebook_text', 'Stage', 'stage_named', 'Job', 'job_key', 'select_checkpoints',
-           'StageNotReady', 'stage_parameters', 'plan_stage', 'StageFailed', 'stage_input', 'execute_job', 'JobRecord',
-           'PipelineResult', 'run_pipeline', 'write_stage_notebook', 'smoke', 'run_command', 'report_command', 'main']
+           'notebook_parameters', 'notebook_text', 'Stage', 'stage_named', 'Job', 'library_modules', 'job_key',
+           'select_checkpoints', 'StageNotReady', 'stage_parameters', 'plan_stage', 'StageFailed', 'stage_input',
+           'execute_job', 'JobRecord', 'PipelineResult', 'run_pipeline', 'write_stage_notebook', 'smoke', 'run_command',
+           'report_command', 'main']
 
 # %% ../nbs/10_pipeline.ipynb #aa5e0899
 def layer_entropies(model: str = "smollm2-135m", dataset: str = "aclsum", split: str = "train", aspect: str = "outcome",
@@ -163,7 +164,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("diff_checkpoints", "05_diff.ipynb", "Differential analysis: base vs each checkpoint", after=("finetune",),
           checkpoints="between", checkpoint_param="checkpoint_b", own_run=True),
     Stage("circuits", "08_circuits.ipynb", "Circuits per checkpoint", after=("finetune", "corrupt"),
-          checkpoints="each", checkpoint_param="checkpoint", step_param="step", last={"evolution": True}),
+          checkpoints="each", checkpoint_param="checkpoint", step_param="step",
+          last={"evolution": True, "check_robustness": True}),
     Stage("peft", "09_peft.ipynb", "PEFT bake-off", after=("finetune", "diff", "circuits")),
 )
 
@@ -206,10 +208,27 @@ def _portable(obj: Any, base: Path) -> Any:
     if isinstance(obj, str) and obj.startswith(str(base) + os.sep): return "<run>/" + obj[len(str(base)) + 1:]
     return obj
 
+_MODULE_USE = re.compile(r"^\s*from \.(\w+) import|summcircuit\.(\w+)", re.M)   # relative import, or dotted name
+
+def library_modules(source: str, package: str | Path | None = None) -> dict[str, str]:
+    """The `summcircuit` modules that `source` (a notebook's text) uses, with the modules they import in turn,
+    mapped to their source text: a change to any of them changes what the notebook computes."""
+    package = Path(package or importlib.util.find_spec("summcircuit").submodule_search_locations[0])
+    todo, found = {a or b for a, b in _MODULE_USE.findall(source)}, {}
+    while todo:
+        name = todo.pop()
+        path = package / f"{name}.py"
+        if name in found or not path.exists(): continue
+        found[name] = path.read_text()
+        todo |= {a or b for a, b in _MODULE_USE.findall(found[name])}
+    return dict(sorted(found.items()))
+
 def job_key(params: dict[str, Any], upstream: dict[str, str], notebook: str | Path, run_folder: Path) -> str:
-    "Hash of the job's parameters, the keys of the stages it reads and the notebook's source text."
+    "Hash of the job's parameters, the keys of the stages it reads, the notebook's source and the library code it uses."
     params = {k: v for k, v in params.items() if k != "run_name"}
-    return content_hash({"params": _portable(params, run_folder), "upstream": upstream, "notebook": notebook_text(notebook)})
+    text = notebook_text(notebook)
+    return content_hash({"params": _portable(params, run_folder), "upstream": upstream, "notebook": text,
+                         "library": library_modules(text)})
 
 # %% ../nbs/10_pipeline.ipynb #e8f514b8
 def select_checkpoints(checkpoints: Sequence, selection: str | Sequence[int], mode: str) -> list:

@@ -236,3 +236,19 @@ def test_cells_tagged_demo_are_left_out_of_a_run(project):
     executed = nbformat.read(str(folder_of(project) / "04_corrupt.ipynb"), as_version=4)
     assert not any("a demo cell ran" in c.source for c in executed.cells)
     assert load_json(folder_of(project) / "corrupt" / "summary.json")["checkpoint"].endswith("checkpoint-4")
+
+
+def test_keys_follow_the_library_modules_a_notebook_uses_transitively(tmp_path):
+    "An edit to a module the notebook imports, directly or through another module, changes the key; others do not."
+    from summcircuit.pipeline import library_modules
+    pkg = tmp_path / "pkg"; pkg.mkdir()
+    (pkg / "a.py").write_text("from .b import f\n")
+    (pkg / "b.py").write_text("def f(): return 1\n")
+    (pkg / "c.py").write_text("def g(): return 2\n")
+    source = "from summcircuit.a import f\nf()"
+    assert list(library_modules(source, pkg)) == ["a", "b"]
+    before = library_modules(source, pkg)
+    (pkg / "c.py").write_text("def g(): return 3\n")
+    assert library_modules(source, pkg) == before
+    (pkg / "b.py").write_text("def f(): return 4\n")
+    assert library_modules(source, pkg) != before
