@@ -13,8 +13,8 @@ from .data import Batch
 from .models import ArchSpec, LoadedModel, get_module
 
 # %% auto #0
-__all__ = ['Graph', 'head_contributions', 'node_outputs', 'check_aligned', 'patched_attention_inputs', 'patched_input',
-           'project_qkv', 'run_with_patched_edges']
+__all__ = ['Graph', 'head_contributions', 'node_outputs', 'check_aligned', 'patched_inputs', 'project_qkv',
+           'run_with_patched_edges']
 
 # %% ../nbs/06_graph.ipynb #024305b1
 @dataclass(frozen=True)
@@ -111,15 +111,15 @@ def check_aligned(clean: Batch, corrupted: Batch) -> None:
                          "must align position by position (same shape and padding): build corrupted inputs with "
                          "summcircuit.corrupt, which keeps every token count.")
 
-def patched_attention_inputs(graph: Graph, l: int, current: torch.Tensor, corrupted: torch.Tensor,
-                             mask: torch.Tensor) -> torch.Tensor:
-    "Inputs of layer `l`'s attention destinations `[n_q + 2 n_kv, b, pos, d]` from current and corrupted outputs."
-    n, cols = graph.n_upstream_attn(l), graph.attn_destinations(l)
-    return corrupted[:n].sum(0) + torch.einsum("nd,nbtm->dbtm", mask[:n, cols].to(current.dtype), current - corrupted[:n])
-
-def patched_input(n: int, column: torch.Tensor, current: torch.Tensor, corrupted: torch.Tensor) -> torch.Tensor:
-    "Input of one destination `[b, pos, d]` fed by the first `n` sources, `column` the mask of its edges."
-    return corrupted[:n].sum(0) + torch.einsum("n,nbtm->btm", column[:n].to(current.dtype), current - corrupted[:n])
+def patched_inputs(mask: torch.Tensor, change: torch.Tensor, corrupted_sum: torch.Tensor) -> torch.Tensor:
+    """Inputs `[n_destinations, b, pos, d]` of destinations fed by the first `n` sources, `mask` `[n, n_destinations]`
+    their edges: the corrupted residual (`corrupted_sum`, the sum of the `n` corrupted outputs) plus, on each kept
+    edge, the source's `change` (its output in this run minus its corrupted output). Only sources with a kept edge
+    are read, so a small circuit costs little."""
+    rows = mask.any(1).nonzero().squeeze(1)
+    if 2 * len(rows) < len(mask): mask, flat = mask[rows], change[rows].flatten(1)      # few sources: gather them
+    else: flat = change[:len(mask)].flatten(1)                                         # most: read in place
+    return corrupted_sum + (mask.T @ flat).view(mask.shape[1], *change.shape[1:])
 
 def project_qkv(spec: ArchSpec, hf, l: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     "Per-head queries, keys, values of layer `l` from per-destination inputs `x` `[n_q + 2 n_kv, b, pos, d]`."
@@ -140,17 +140,22 @@ def run_with_patched_edges(lm: LoadedModel, clean: Batch, corrupted: Batch, edge
         raise ValueError(f"edge_mask has shape {tuple(edge_mask.shape)}; this model's graph needs {tuple(graph.edges.shape)}.")
     check_aligned(clean, corrupted)
     corr = node_outputs(lm, corrupted) if corrupted_outputs is None else corrupted_outputs   # reuse across many masks
-    mask = (edge_mask.to(corr.device) & graph.edges.to(corr.device))
+    mask = (edge_mask.to(corr.device) & graph.edges.to(corr.device)).to(corr.dtype)
+    corr_prefix = corr.cumsum(0)               # corr_prefix[n - 1]: the corrupted residual of the first n sources
+    change = torch.empty_like(corr)            # this run's output minus the corrupted one, filled node by node
     clean = clean.to(lm.device)
+    H = spec.n_heads
     with torch.no_grad(), model.trace(clean.input_ids, attention_mask=clean.attention_mask):
-        current = spec.resid_pre(model, 0)[None]
+        change[0] = spec.resid_pre(model, 0) - corr[0]
         for l in range(spec.n_layers):
-            x = patched_attention_inputs(graph, l, current, corr, mask)
+            n, cols = graph.n_upstream_attn(l), graph.attn_destinations(l)
+            x = patched_inputs(mask[:n, cols], change, corr_prefix[n - 1])
             spec.set_qkv(model, l, *project_qkv(spec, hf, l, x))
-            current = torch.cat([current, head_contributions(spec, hf, l, spec.z(model, l))])
-            n = graph.n_upstream_mlp(l)
-            spec.layer(model, l, spec.ln_mlp).input = patched_input(n, mask[:, graph.mlp_destination(l)], current, corr)
-            current = torch.cat([current, spec.mlp_out(model, l)[None]])
-        get_module(model, spec.final_norm).input = patched_input(graph.n_sources, mask[:, -1], current, corr)
+            change[n:n + H] = head_contributions(spec, hf, l, spec.z(model, l)) - corr[n:n + H]
+            n, m = graph.n_upstream_mlp(l), graph.mlp_destination(l)
+            spec.layer(model, l, spec.ln_mlp).input = patched_inputs(mask[:n, m:m + 1], change, corr_prefix[n - 1])[0]
+            change[n] = spec.mlp_out(model, l) - corr[n]
+        n = graph.n_sources
+        get_module(model, spec.final_norm).input = patched_inputs(mask[:, -1:], change, corr_prefix[n - 1])[0]
         logits = model.output.logits.save()
     return logits
