@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .core import load_json, load_tensors, save_json, save_tensors
 from .corrupt import pair_batches
 from .data import Batch, summary_logprob
-from .graph import Graph, check_aligned, node_outputs
+from .graph import Graph, node_outputs
 from .models import ArchSpec, LoadedModel, get_module
 
 # %% auto #0
@@ -229,8 +229,7 @@ def attribute(lm: LoadedModel, pairs: Sequence, method: str = "eap-ig", ig_steps
     m_clean = m_corr = 0.0
     n = 0
     for clean, corr in tqdm(batches, desc=f"{method} attribution", disable=not progress):
-        clean, corr = clean.to(lm.device), corr.to(lm.device)
-        check_aligned(clean, corr)
+        clean, corr = clean.to(lm.device), corr.to(lm.device)          # aligned: pair_batches checked them
         z_clean, logits_clean = node_outputs(lm, clean, return_logits=True)
         z_corr, logits_corr = node_outputs(lm, corr, return_logits=True)
         emb_clean, emb_corr = z_clean[0].clone(), z_corr[0].clone()      # the input node's output: the embeddings

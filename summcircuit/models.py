@@ -189,7 +189,7 @@ def norm_vjp(self: ArchSpec, module, x: torch.Tensor, g: torch.Tensor, freeze_sc
     if self.norm_kind == "layernorm":
         centered = xf - xf.mean(-1, keepdim=True)
         inv_std = torch.rsqrt(centered.pow(2).mean(-1, keepdim=True) + self.norm_eps)
-        dx = (gf * w).sub_(dot(w.expand_as(xf)))
+        dx = (gf * w).sub_(dot(w))
         if not freeze_scale: dx.addcmul_(centered * inv_std ** 2, dot(w * centered), value=-1)
         return dx.mul_(inv_std).to(g.dtype)
     rms_inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.norm_eps)
