@@ -10,8 +10,7 @@ attribution (sampled), with the model's own footprint reported beside it.
 
     python benchmarks/bench_eap_ig.py --tokens 512 --ig-steps 5 --repeats 3 --memory-tokens 1024
 """
-import argparse, json, os, statistics, sys, threading, time
-from pathlib import Path
+import argparse, statistics, threading, time
 
 import psutil
 import torch
@@ -21,6 +20,8 @@ from summcircuit.corrupt import make_pair
 from summcircuit.data import collate, load_aclsum, summary_logprob
 from summcircuit.graph import Graph, node_outputs
 from summcircuit.models import load_model
+
+from common import timed, write_result
 
 
 def pair_of_length(lm, tokens: int):
@@ -42,10 +43,6 @@ def floor(lm, batch, passes: int, weights: bool):
             with frozen_parameters(hf):
                 emb = hf.get_input_embeddings()(batch.input_ids).detach().requires_grad_(True)
                 summary_logprob(hf(inputs_embeds=emb, attention_mask=batch.attention_mask).logits, batch).sum().backward()
-
-
-def timed(fn):
-    t = time.perf_counter(); fn(); return time.perf_counter() - t
 
 
 def peak_rss(fn, interval=0.05):
@@ -95,7 +92,7 @@ def main():
     if a.memory_tokens:   # first, in a process that has done nothing else: the allocator holds no earlier peaks
         result["memory"] = memory_at(lm, a.memory_tokens, m)
         print("memory:", result["memory"])
-    if a.repeats < 1: return write(result, a.out)
+    if a.repeats < 1: return write_result(result, a.out)
     run = lambda: attribute(lm, [pair], "eap-ig", ig_steps=m, progress=False)
     run(); floor(lm, clean, 1, True)                                     # warm-up
     rows = []
@@ -114,13 +111,7 @@ def main():
               "ratio_vs_floor_weights": {"min": min(ratios["floor_weights"]), "median": statistics.median(ratios["floor_weights"])},
               "ratio_vs_floor_activations": {"min": min(ratios["floor_activations"]), "median": statistics.median(ratios["floor_activations"])},
               "breakdown_s": parts}
-    write(result, a.out)
-
-
-def write(result: dict, out: str) -> None:
-    print(json.dumps({k: v for k, v in result.items() if k != "repeats"}, indent=1))
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(result, indent=1))
+    write_result(result, a.out, omit=("repeats",))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,7 @@ after each; reports the growth between the first and the last tenth of the loop,
 
     python benchmarks/bench_memory_loop.py --model smollm2-135m --tokens 128 --batches 50
 """
-import argparse, json, statistics
-from pathlib import Path
+import argparse, statistics
 
 import psutil
 
@@ -14,6 +13,8 @@ from summcircuit.attribute import attribute
 from summcircuit.corrupt import build_pairs
 from summcircuit.data import load_examples
 from summcircuit.models import load_model
+
+from common import write_result
 
 
 def main():
@@ -37,9 +38,7 @@ def main():
     first, last = statistics.mean(rss[:k]), statistics.mean(rss[-k:])
     result = {"model": a.model, "tokens": a.tokens, "batches": len(rss), "rss_MiB_first_tenth": first,
               "rss_MiB_last_tenth": last, "growth_MiB": last - first, "peak_MiB": max(rss), "series_MiB": rss}
-    print(json.dumps({k: v for k, v in result.items() if k != "series_MiB"}, indent=1))
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=1))
+    write_result(result, a.out, omit=("series_MiB",))
 
 
 if __name__ == "__main__":

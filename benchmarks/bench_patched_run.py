@@ -5,8 +5,7 @@ edges; reports the ratios measured in this one run (min and median), never an ab
 
     python benchmarks/bench_patched_run.py --examples 4 --tokens 160 --repeats 3
 """
-import argparse, json, statistics, time
-from pathlib import Path
+import argparse, statistics
 
 import torch
 
@@ -15,9 +14,7 @@ from summcircuit.data import load_examples
 from summcircuit.graph import Graph, node_outputs, run_with_patched_edges
 from summcircuit.models import load_model
 
-
-def timed(fn):
-    t = time.perf_counter(); fn(); return time.perf_counter() - t
+from common import timed, write_result
 
 
 def main():
@@ -51,9 +48,7 @@ def main():
     ratios = {f: [row[f"patched_{f}"] / row["plain_forward"] for row in rows] for f in a.fractions}
     result = {"model": a.model, "batch": list(clean.input_ids.shape), "repeats": rows,
               "ratio_vs_plain_forward": {str(f): {"min": min(v), "median": statistics.median(v)} for f, v in ratios.items()}}
-    print(json.dumps(result["ratio_vs_plain_forward"], indent=1))
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=1))
+    write_result(result, a.out, omit=("repeats",))
 
 
 if __name__ == "__main__":
