@@ -14,9 +14,9 @@ from transformers import PreTrainedTokenizerBase
 from .core import hub_offline, hub_reachable
 
 # %% auto #0
-__all__ = ['ACLSUM_ASPECTS', 'ACLSUM_SECTIONS', 'ACLSUM_SPLITS', 'DATASETS', 'SEPARATOR', 'SummaryExample', 'detokenize',
+__all__ = ['ACLSUM_ASPECTS', 'ACLSUM_SECTIONS', 'ACLSUM_SPLITS', 'DATASETS', 'SEPARATOR', 'ROLES', 'SummaryExample', 'detokenize',
            'aclsum_folder', 'load_aclsum', 'split_sentences', 'load_cnn_dailymail', 'synthetic_examples',
-           'load_examples', 'Prompt', 'build_prompt', 'Batch', 'collate', 'summary_logprob']
+           'load_examples', 'Prompt', 'build_prompt', 'Batch', 'collate', 'check_aligned', 'summary_logprob']
 
 # %% ../nbs/02_data.ipynb #b9e64eb7
 @dataclass
@@ -122,6 +122,7 @@ def load_examples(dataset: str = "aclsum", split: str = "train", aspect: str = "
 
 # %% ../nbs/02_data.ipynb #9c356d6d
 SEPARATOR = "\nTL;DR:"
+ROLES = ("salient", "other", "separator", "summary")   # what each position of a prompt is, in `Prompt.roles`
 
 @dataclass
 class Prompt:
@@ -131,10 +132,19 @@ class Prompt:
     sentence_spans: list[tuple[int, int]]   # token span of each kept source sentence
     summary_start: int                      # first summary token; the summary runs to the end
     salient: list[int] | None = None        # salient sentence indices among the kept sentences
+    copy_positions: list[int] | None = None # summary positions whose token only the salient sentences support
+    counter_ids: list[int] | None = None    # a counterfactual token for each of `copy_positions`
 
     def __len__(self) -> int: return len(self.input_ids)
     @property
     def n_sentences(self) -> int: return len(self.sentence_spans)
+    @property
+    def roles(self) -> list[int]:
+        "Index into `ROLES` of every position: salient source, other source, separator, summary."
+        out = [ROLES.index("separator")] * self.summary_start + [ROLES.index("summary")] * (len(self) - self.summary_start)
+        for i, (a, b) in enumerate(self.sentence_spans):
+            out[a:b] = [ROLES.index("salient" if i in (self.salient or ()) else "other")] * (b - a)
+        return out
 
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -164,27 +174,47 @@ def build_prompt(example: SummaryExample, tokenizer: PreTrainedTokenizerBase, ma
 # %% ../nbs/02_data.ipynb #803be872
 @dataclass
 class Batch:
-    "Right-padded token ids with their attention mask and the mask of summary (target) tokens."
+    "Right-padded token ids with their attention mask, the mask of summary (target) tokens and each position's role."
     input_ids: torch.Tensor        # [batch, pos]
     attention_mask: torch.Tensor   # [batch, pos], 1 for real tokens
     target_mask: torch.Tensor      # [batch, pos], True for summary tokens
     ids: list[str] = field(default_factory=list)
+    roles: torch.Tensor | None = None       # [batch, pos], index into ROLES, -1 on padding
+    copy_mask: torch.Tensor | None = None   # [batch, pos], True for summary tokens that copy the salient sentences
+    counter_ids: torch.Tensor | None = None # [batch, pos], a counterfactual token where `copy_mask` is True
 
     def to(self, device) -> "Batch":
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.target_mask.to(device), self.ids)
+        move = lambda t: None if t is None else t.to(device)
+        return Batch(move(self.input_ids), move(self.attention_mask), move(self.target_mask), self.ids,
+                     move(self.roles), move(self.copy_mask), move(self.counter_ids))
     def __len__(self) -> int: return self.input_ids.shape[0]
 
 def collate(prompts: list[Prompt], pad_id: int) -> Batch:
     "Right-pad `prompts` into one `Batch`."
+    if not prompts: raise ValueError("collate needs at least one prompt.")
     T = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
     att = torch.zeros((len(prompts), T), dtype=torch.long)
     tgt = torch.zeros((len(prompts), T), dtype=torch.bool)
+    roles = torch.full((len(prompts), T), -1, dtype=torch.long)
+    copy = torch.zeros((len(prompts), T), dtype=torch.bool)
+    counter = torch.zeros((len(prompts), T), dtype=torch.long)
     for b, p in enumerate(prompts):
         ids[b, :len(p)] = torch.tensor(p.input_ids)
         att[b, :len(p)] = 1
         tgt[b, p.summary_start:len(p)] = True
-    return Batch(ids, att, tgt, [p.example_id for p in prompts])
+        roles[b, :len(p)] = torch.tensor(p.roles)
+        if p.copy_positions:
+            copy[b, p.copy_positions] = True
+            if p.counter_ids: counter[b, p.copy_positions] = torch.tensor(p.counter_ids)
+    return Batch(ids, att, tgt, [p.example_id for p in prompts], roles, copy, counter)
+
+def check_aligned(clean: Batch, corrupted: Batch) -> None:
+    "Raise unless `clean` and `corrupted` have the same shape and padding (positions align)."
+    if clean.input_ids.shape != corrupted.input_ids.shape or not torch.equal(clean.attention_mask, corrupted.attention_mask):
+        raise ValueError(f"Clean {tuple(clean.input_ids.shape)} and corrupted {tuple(corrupted.input_ids.shape)} batches "
+                         "must align position by position (same shape and padding): build corrupted inputs with "
+                         "summcircuit.corrupt, which keeps every token count.")
 
 def summary_logprob(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     "Task metric per example `[batch]`: mean log-probability of the summary tokens, teacher forced."

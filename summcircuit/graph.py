@@ -9,18 +9,31 @@ from functools import cached_property
 
 import torch
 
-from .data import Batch
+from .data import ROLES, Batch, check_aligned
 from .models import ArchSpec, LoadedModel, get_module
 
 # %% auto #0
-__all__ = ['Graph', 'head_contributions', 'node_outputs', 'check_aligned', 'patched_inputs', 'project_qkv',
+__all__ = ['SPAN_SCHEMAS', 'Graph', 'SpanLayout', 'head_contributions', 'node_outputs', 'patched_inputs', 'project_qkv',
            'run_with_patched_edges']
 
 # %% ../nbs/06_graph.ipynb #024305b1
+SPAN_SCHEMAS = ("none", "roles", "tokens")
+
 @dataclass(frozen=True)
 class Graph:
-    "Sources (rows) and destinations (columns) of a model's residual-stream graph."
+    """Sources (rows) and destinations (columns) of a model's residual-stream graph; with a span `schema`, one copy
+    of every edge per span of positions (`"roles"`: salient source, other source, separator, summary; `"tokens"`:
+    one span per position, for prompts of `n_positions` tokens). Span-free edge tensors are
+    `[n_sources, n_destinations]`, positional ones `[n_spans, n_sources, n_destinations]`."""
     spec: ArchSpec
+    schema: str = "none"
+    n_positions: int | None = None
+
+    def __post_init__(self):
+        if self.schema not in SPAN_SCHEMAS:
+            raise ValueError(f"Unknown span schema {self.schema!r}: use one of {SPAN_SCHEMAS}.")
+        if self.schema == "tokens" and not self.n_positions:
+            raise ValueError("The per-token span schema needs n_positions (the prompts' length).")
 
     # -- sizes -------------------------------------------------------------------------------------------
     @property
@@ -35,6 +48,49 @@ class Graph:
     def n_nodes(self) -> int: return self.n_sources + 1     # + logits
     @property
     def n_edges(self) -> int: return int(self.edges.sum())
+
+    # -- spans -------------------------------------------------------------------------------------------
+    @property
+    def positional(self) -> bool: return self.schema != "none"
+    @cached_property
+    def spans(self) -> tuple[str, ...]:
+        "Names of the spans (one, `'all'`, for a span-free graph)."
+        if self.schema == "roles": return ROLES
+        if self.schema == "tokens": return tuple(f"t{i}" for i in range(self.n_positions))
+        return ("all",)
+    @property
+    def n_spans(self) -> int: return len(self.spans)
+    @property
+    def shape(self) -> tuple[int, ...]:
+        "Shape of the graph's edge tensors (scores, masks, circuits)."
+        base = (self.n_sources, self.n_destinations)
+        return (self.n_spans, *base) if self.positional else base
+    @cached_property
+    def span_reads(self) -> torch.Tensor:
+        """Boolean `[n_spans, n_spans]`: can a query at span i read a key at span j (some position of j comes no
+        later than some position of i). Salient and other source sentences interleave, so they read each other."""
+        S = self.n_spans
+        reads = torch.ones(S, S, dtype=torch.bool).tril()
+        if self.schema == "roles": reads[ROLES.index("salient"), ROLES.index("other")] = True
+        return reads
+    def span_ids(self, batch: Batch) -> torch.Tensor:
+        "The span of every position of `batch` `[b, pos]` (-1 on padding)."
+        pad = batch.attention_mask == 0
+        if self.schema == "none": ids = torch.zeros_like(batch.input_ids)
+        elif self.schema == "tokens":
+            if batch.input_ids.shape[1] > self.n_positions:
+                raise ValueError(f"Prompts of {batch.input_ids.shape[1]} tokens do not fit a per-token graph of "
+                                 f"{self.n_positions} positions: build the graph with n_positions >= the prompt length.")
+            ids = torch.arange(batch.input_ids.shape[1], device=pad.device).expand_as(batch.input_ids)
+        else:
+            if batch.roles is None: raise ValueError("This batch has no roles: build it with summcircuit.data.collate.")
+            ids = batch.roles
+        return ids.masked_fill(pad, -1)
+    def stacked(self, x: torch.Tensor) -> torch.Tensor:
+        "An edge tensor of this graph as `[n_spans, n_sources, n_destinations]` (a view)."
+        if tuple(x.shape) != self.shape:
+            raise ValueError(f"Edge tensor of shape {tuple(x.shape)}; this graph's edge tensors are {self.shape}.")
+        return x if self.positional else x[None]
 
     # -- indices -----------------------------------------------------------------------------------------
     def head_source(self, l: int, h: int) -> int: return 1 + l * self.per_layer_sources + h
@@ -65,9 +121,43 @@ class Graph:
         return torch.tensor([x for layer in n for x in layer] + [self.n_sources])
 
     @cached_property
-    def edges(self) -> torch.Tensor:
-        "Boolean `[n_sources, n_destinations]`: True where the source feeds the destination."
+    def node_edges(self) -> torch.Tensor:
+        "Boolean `[n_sources, n_destinations]`: True where the source feeds the destination (at any span)."
         return torch.arange(self.n_sources)[:, None] < self.n_upstream[None, :]
+    @cached_property
+    def edges(self) -> torch.Tensor:
+        "Boolean edge tensor of `shape`: every node edge, once per span."
+        return self.node_edges.expand(self.n_spans, -1, -1).clone() if self.positional else self.node_edges
+
+    # -- structure ---------------------------------------------------------------------------------------
+    @cached_property
+    def source_layer(self) -> torch.Tensor:
+        "Layer of every source `[n_sources]` (-1 for the input)."
+        return torch.tensor([-1] + [l for l in range(self.spec.n_layers) for _ in range(self.per_layer_sources)])
+    @cached_property
+    def destination_layer(self) -> torch.Tensor:
+        "Layer of every destination `[n_destinations]` (`n_layers` for the logits)."
+        L = self.spec.n_layers
+        return torch.tensor([l for l in range(L) for _ in range(self.per_layer_destinations)] + [L])
+    @cached_property
+    def kv_destinations(self) -> torch.Tensor:
+        "Boolean `[n_destinations]`: True for k and v inputs (read by queries at the same or later spans)."
+        kv = torch.zeros(self.n_destinations, dtype=torch.bool)
+        for l in range(self.spec.n_layers): kv[self.k_destination(l, 0):self.mlp_destination(l)] = True
+        return kv
+    @cached_property
+    def owners(self) -> torch.Tensor:
+        "Boolean `[n_destinations, n_sources]`: True where the source node reads that destination."
+        s = self.spec
+        own = torch.zeros(self.n_destinations, self.n_sources, dtype=torch.bool)
+        heads = torch.arange(s.n_heads)
+        for l in range(s.n_layers):
+            src = self.head_source(l, 0) + heads
+            own[self.q_destination(l, 0) + heads, src] = True
+            own[self.k_destination(l, 0) + heads // s.group_size, src] = True
+            own[self.v_destination(l, 0) + heads // s.group_size, src] = True
+            own[self.mlp_destination(l), self.mlp_source(l)] = True
+        return own
 
     # -- names -------------------------------------------------------------------------------------------
     @cached_property
@@ -80,8 +170,57 @@ class Graph:
         per_layer = lambda l: ([f"a{l}.h{h}<q>" for h in range(s.n_heads)] + [f"a{l}.kv{g}<k>" for g in range(s.n_kv_heads)]
                                + [f"a{l}.kv{g}<v>" for g in range(s.n_kv_heads)] + [f"m{l}"])
         return [n for l in range(s.n_layers) for n in per_layer(l)] + ["logits"]
-    def edge_name(self, src: int, dst: int) -> str:
-        return f"{self.source_names[src]} -> {self.destination_names[dst]}"
+    @cached_property
+    def source_index(self) -> dict[str, int]: return {n: i for i, n in enumerate(self.source_names)}
+    @cached_property
+    def destination_index(self) -> dict[str, int]: return {n: i for i, n in enumerate(self.destination_names)}
+    def edge_name(self, *index: int) -> str:
+        "Name of edge `(src, dst)`, or `(span, src, dst)` of a positional graph: `'a0.h3 -> a1.kv1<k> @summary'`."
+        *span, src, dst = index
+        name = f"{self.source_names[src]} -> {self.destination_names[dst]}"
+        return f"{name} @{self.spans[span[0]]}" if span else name
+    def edge_names(self, mask: torch.Tensor) -> list[str]:
+        "Names of the edges in boolean `mask` (of `shape`)."
+        if tuple(mask.shape) != self.shape: raise ValueError(f"Mask of shape {tuple(mask.shape)}; this graph's is {self.shape}.")
+        return [self.edge_name(*i) for i in mask.nonzero().tolist()]
+
+# %% ../nbs/06_graph.ipynb #e7f8f2ed
+@dataclass
+class SpanLayout:
+    """A batch's positions flattened to `[b * pos]` and sorted by span, so each span is one contiguous slice:
+    per-span sums and masked products become slices instead of gathers. Padding goes with span 0 (its values
+    are zero or ignored). One span keeps the natural order and every method returns a view."""
+    shape: tuple[int, int]                 # (batch, pos)
+    bounds: list[tuple[int, int]]          # [start, end) of each span in the sorted order
+    order: torch.Tensor | None = None      # flat positions in span order (None: natural order)
+    inverse: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, graph: Graph, batch: Batch) -> "SpanLayout":
+        "The layout of `batch`'s positions for `graph`'s spans."
+        b, T = batch.input_ids.shape
+        if not graph.positional: return cls((b, T), [(0, b * T)])
+        ids = graph.span_ids(batch).flatten().clamp(min=0)
+        order = torch.argsort(ids, stable=True)
+        counts = torch.bincount(ids, minlength=graph.n_spans).tolist()
+        ends = torch.tensor(counts).cumsum(0).tolist()
+        return cls((b, T), [(e - c, e) for c, e in zip(counts, ends)], order, torch.argsort(order))
+
+    def sort(self, x: torch.Tensor) -> torch.Tensor:
+        "`[..., b, pos, d]` → `[..., b * pos, d]` in span order."
+        flat = x.flatten(-3, -2)
+        return flat if self.order is None else flat.index_select(-2, self.order.to(x.device))
+    def sort_(self, x: torch.Tensor) -> torch.Tensor:
+        "Like `sort`, for `[n, b, pos, d]`, permuting each row in place (memory: one row extra)."
+        flat = x.flatten(-3, -2)
+        if self.order is not None:
+            order = self.order.to(x.device)
+            for row in flat: row.copy_(row.index_select(0, order))
+        return flat
+    def unsort(self, x: torch.Tensor) -> torch.Tensor:
+        "`[..., b * pos, d]` in span order → `[..., b, pos, d]`."
+        if self.order is not None: x = x.index_select(-2, self.inverse.to(x.device))
+        return x.unflatten(-2, self.shape)
 
 # %% ../nbs/06_graph.ipynb #51cabf09
 def head_contributions(spec: ArchSpec, hf, l: int, z: torch.Tensor) -> torch.Tensor:
@@ -104,22 +243,21 @@ def node_outputs(lm: LoadedModel, batch: Batch, return_logits: bool = False):
     return (stacked, logits) if return_logits else stacked
 
 # %% ../nbs/06_graph.ipynb #e7fe6f0a
-def check_aligned(clean: Batch, corrupted: Batch) -> None:
-    "Raise unless `clean` and `corrupted` have the same shape and padding (positions align)."
-    if clean.input_ids.shape != corrupted.input_ids.shape or not torch.equal(clean.attention_mask, corrupted.attention_mask):
-        raise ValueError(f"Clean {tuple(clean.input_ids.shape)} and corrupted {tuple(corrupted.input_ids.shape)} batches "
-                         "must align position by position (same shape and padding): build corrupted inputs with "
-                         "summcircuit.corrupt, which keeps every token count.")
-
-def patched_inputs(mask: torch.Tensor, change: torch.Tensor, corrupted_sum: torch.Tensor) -> torch.Tensor:
-    """Inputs `[n_destinations, b, pos, d]` of destinations fed by the first `n` sources, `mask` `[n, n_destinations]`
-    their edges: the corrupted residual (`corrupted_sum`, the sum of the `n` corrupted outputs) plus, on each kept
-    edge, the source's `change` (its output in this run minus its corrupted output). Only sources with a kept edge
+def patched_inputs(mask: torch.Tensor, change: torch.Tensor, corrupted_sum: torch.Tensor, layout: SpanLayout) -> torch.Tensor:
+    """Inputs `[n_destinations, b, pos, d]` of destinations fed by the first `n` sources, `mask` `[n_spans, n, n_dest]`
+    their edges: the corrupted residual (`corrupted_sum` `[b * pos, d]`, the sum of the `n` corrupted outputs) plus,
+    on each kept edge, the source's `change` (`[n_sources, b * pos, d]`: its output in this run minus its corrupted
+    output) at the positions of the edge's span. Both are in `layout`'s span order. Only sources with a kept edge
     are read, so a small circuit costs little."""
-    rows = mask.any(1).nonzero().squeeze(1)
-    if 2 * len(rows) < len(mask): mask, flat = mask[rows], change[rows].flatten(1)      # few sources: gather them
-    else: flat = change[:len(mask)].flatten(1)                                         # most: read in place
-    return corrupted_sum + (mask.T @ flat).view(mask.shape[1], *change.shape[1:])
+    n, n_dest = mask.shape[1:]
+    out = corrupted_sum.expand(n_dest, *corrupted_sum.shape).clone()
+    for m, (a, b) in zip(mask, layout.bounds):
+        rows = m.any(1).nonzero().squeeze(1)
+        if a == b or len(rows) == 0: continue
+        if 2 * len(rows) < n: m, flat = m[rows], change[:, a:b][rows].flatten(1)    # few sources: gather them
+        else: flat = change[:n, a:b].flatten(1)                                   # most: read in place
+        out[:, a:b] += (m.T @ flat).view(n_dest, b - a, -1)
+    return layout.unsort(out)
 
 def project_qkv(spec: ArchSpec, hf, l: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     "Per-head queries, keys, values of layer `l` from per-destination inputs `x` `[n_q + 2 n_kv, b, pos, d]`."
@@ -133,29 +271,32 @@ def project_qkv(spec: ArchSpec, hf, l: int, x: torch.Tensor) -> tuple[torch.Tens
 
 def run_with_patched_edges(lm: LoadedModel, clean: Batch, corrupted: Batch, edge_mask: torch.Tensor,
                            graph: Graph | None = None, corrupted_outputs: torch.Tensor | None = None) -> torch.Tensor:
-    "Logits of the clean run where edges outside `edge_mask` `[n_sources, n_destinations]` carry corrupted values."
+    """Logits of the clean run where edges outside `edge_mask` (of `graph.shape`) carry corrupted values; on a
+    positional graph, span by span. `corrupted_outputs` (`node_outputs` of `corrupted`) can be passed to reuse them."""
     model, spec, hf = lm.model, lm.spec, lm.hf
     graph = graph or Graph(spec)
-    if edge_mask.shape != graph.edges.shape:
-        raise ValueError(f"edge_mask has shape {tuple(edge_mask.shape)}; this model's graph needs {tuple(graph.edges.shape)}.")
+    if tuple(edge_mask.shape) != graph.shape:
+        raise ValueError(f"edge_mask has shape {tuple(edge_mask.shape)}; this model's graph needs {graph.shape}.")
     check_aligned(clean, corrupted)
+    layout = SpanLayout.of(graph, clean)
     corr = node_outputs(lm, corrupted) if corrupted_outputs is None else corrupted_outputs   # reuse across many masks
-    mask = (edge_mask.to(corr.device) & graph.edges.to(corr.device)).to(corr.dtype)
+    corr = layout.sort(corr)                   # [n_sources, b * pos, d] in span order
+    mask = (graph.stacked(edge_mask).to(corr.device) & graph.stacked(graph.edges).to(corr.device)).to(corr.dtype)
     corr_prefix = corr.cumsum(0)               # corr_prefix[n - 1]: the corrupted residual of the first n sources
     change = torch.empty_like(corr)            # this run's output minus the corrupted one, filled node by node
     clean = clean.to(lm.device)
     H = spec.n_heads
     with torch.no_grad(), model.trace(clean.input_ids, attention_mask=clean.attention_mask):
-        change[0] = spec.resid_pre(model, 0) - corr[0]
+        change[0] = layout.sort(spec.resid_pre(model, 0)[None])[0] - corr[0]
         for l in range(spec.n_layers):
             n, cols = graph.n_upstream_attn(l), graph.attn_destinations(l)
-            x = patched_inputs(mask[:n, cols], change, corr_prefix[n - 1])
+            x = patched_inputs(mask[:, :n, cols], change, corr_prefix[n - 1], layout)
             spec.set_qkv(model, l, *project_qkv(spec, hf, l, x))
-            change[n:n + H] = head_contributions(spec, hf, l, spec.z(model, l)) - corr[n:n + H]
+            change[n:n + H] = layout.sort(head_contributions(spec, hf, l, spec.z(model, l))) - corr[n:n + H]
             n, m = graph.n_upstream_mlp(l), graph.mlp_destination(l)
-            spec.layer(model, l, spec.ln_mlp).input = patched_inputs(mask[:n, m:m + 1], change, corr_prefix[n - 1])[0]
-            change[n] = spec.mlp_out(model, l) - corr[n]
+            spec.layer(model, l, spec.ln_mlp).input = patched_inputs(mask[:, :n, m:m + 1], change, corr_prefix[n - 1], layout)[0]
+            change[n] = layout.sort(spec.mlp_out(model, l)[None])[0] - corr[n]
         n = graph.n_sources
-        get_module(model, spec.final_norm).input = patched_inputs(mask[:, -1:], change, corr_prefix[n - 1])[0]
+        get_module(model, spec.final_norm).input = patched_inputs(mask[:, :, -1:], change, corr_prefix[n - 1], layout)[0]
         logits = model.output.logits.save()
     return logits

@@ -114,3 +114,65 @@ def test_bad_mask_shape(lm):
     b = padded_batch(lm)
     with pytest.raises(ValueError, match="edge_mask has shape"):
         run_with_patched_edges(lm, b, b, torch.ones(3, 3, dtype=torch.bool))
+
+
+def _role_batches(lm):
+    "A padded clean batch with roles, and a corrupted copy that keeps them (positions and roles align)."
+    b = padded_batch(lm)
+    c = corrupted_copy(b, 0, 30)
+    return b, type(c)(c.input_ids, c.attention_mask, c.target_mask, c.ids, b.roles)
+
+
+def _reference_patched_positional(lm, clean, corrupted, edges, span_ids):
+    "Hand-written positional patching: listed (span, src, dst) edges use the corrupted output at that span's positions."
+    corr = reference_forward(lm.hf, corrupted.input_ids, corrupted.attention_mask)["node_outputs"]
+    def dest_input(dst, upstream):
+        total = 0
+        for src, val in upstream.items():
+            at = torch.zeros_like(span_ids, dtype=torch.bool)
+            for s, e_src, e_dst in edges:
+                if (e_src, e_dst) == (src, dst): at |= span_ids == s
+            total = total + torch.where(at[..., None], corr[src], val)
+        return total
+    return reference_forward(lm.hf, clean.input_ids, clean.attention_mask, dest_input=dest_input)["logits"]
+
+
+def test_positional_patching_matches_reference(lm):
+    "Positional edges removed one at a time and in a random third, against a forward that patches positions by hand."
+    b, corr = _role_batches(lm)
+    g = Graph(lm.spec, "roles")
+    span_ids = g.span_ids(b)
+    edges = [(s, src, dst) for s in range(g.n_spans) for src, dst in _all_edges(lm)]
+    assert len(edges) == g.n_edges
+    rng = random.Random(1)
+    keep = b.attention_mask.bool()
+    present = span_ids.unique().tolist()
+    singles = [e for e in rng.sample(edges, 60) if e[0] in present][:3]
+    singles += [next(e for e in edges if e[2][0] == "k" and e[0] == 0)]      # a k input at the salient span
+    for patched in [[e] for e in singles] + [rng.sample(edges, len(edges) // 3)]:
+        mask = g.edges.clone()
+        for s, src, dst in patched: mask[s, _src_index(g, src), _dst_index(g, dst)] = False
+        ours = run_with_patched_edges(lm, b, corr, mask, g)
+        ref = _reference_patched_positional(lm, b, corr, patched, span_ids)
+        torch.testing.assert_close(ours[keep], ref[keep], atol=1e-4, rtol=0)
+    # one span's edges all corrupted equals the span-free patch only at that span: differs from both extremes
+    span_free = run_with_patched_edges(lm, b, corr, Graph(lm.spec).edges, Graph(lm.spec))
+    assert (span_free[keep] - ours[keep]).abs().max() > 1e-3
+
+
+def test_positional_all_and_none(lm):
+    "All positional edges kept = clean; none = corrupted; the positional graph with one schema span = span-free."
+    b, corr = _role_batches(lm)
+    keep = b.attention_mask.bool()
+    g, free = Graph(lm.spec, "roles"), Graph(lm.spec)
+    with torch.no_grad():
+        clean = lm.hf(b.input_ids, attention_mask=b.attention_mask).logits
+        corrupted = lm.hf(corr.input_ids, attention_mask=corr.attention_mask).logits
+    torch.testing.assert_close(run_with_patched_edges(lm, b, corr, g.edges, g)[keep], clean[keep], atol=1e-4, rtol=0)
+    torch.testing.assert_close(run_with_patched_edges(lm, b, corr, torch.zeros_like(g.edges), g)[keep], corrupted[keep],
+                               atol=1e-4, rtol=0)
+    mask = torch.rand(free.shape, generator=torch.Generator().manual_seed(3)) < 0.5
+    torch.testing.assert_close(run_with_patched_edges(lm, b, corr, mask.expand(g.n_spans, -1, -1), g)[keep],
+                               run_with_patched_edges(lm, b, corr, mask, free)[keep], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="edge_mask has shape"):
+        run_with_patched_edges(lm, b, corr, mask, g)
