@@ -4,24 +4,26 @@
 
 # %% ../nbs/07_attribute.ipynb #8f0a8645
 from __future__ import annotations
-import gc
+import gc, warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from .core import load_json, load_tensors, save_json, save_tensors
 from .corrupt import pair_batches
-from .data import Batch, summary_logprob
-from .graph import Graph, node_outputs
+from .data import Batch
+from .graph import Graph, SpanLayout, node_outputs
+from .metrics import get_metric
 from .models import ArchSpec, LoadedModel, get_module
 
 # %% auto #0
-__all__ = ['QK_SCALE', 'V_SCALE', 'GATE_SCALE', 'METHODS', 'GIM', 'as_gim', 'frozen_parameters', 'destination_gradients',
-           'logits_with_gim', 'edge_scores', 'Attribution', 'load_attribution', 'attribute']
+__all__ = ['QK_SCALE', 'V_SCALE', 'GATE_SCALE', 'METHODS', 'IG_RULES', 'COMPLETENESS_TOLERANCE', 'GIM', 'as_gim',
+           'frozen_parameters', 'destination_gradients', 'logits_with_gim', 'edge_scores', 'Attribution',
+           'load_attribution', 'ig_alphas', 'attribute']
 
 # %% ../nbs/07_attribute.ipynb #9e09ada0
 @dataclass(frozen=True)
@@ -77,10 +79,13 @@ def frozen_parameters(module: torch.nn.Module):
 
 def destination_gradients(lm: LoadedModel, batch: Batch, gim: GIM = GIM(), graph: Graph | None = None,
                           layer0_input: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                          weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                          weight: float = 1.0, metric: str | Callable = "summary_logprob",
+                          clean_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """∂(Σ metric)/∂x_d for every destination `[n_destinations, b, pos, d]`, and the metric per example `[b]`.
-    With `out`, `weight` times the gradients are added into it in place (EAP-IG's average, without a copy per step)."""
+    With `out`, `weight` times the gradients are added into it in place (EAP-IG's average, without a copy per step).
+    `clean_logits` go to metrics that compare with the clean run (KL)."""
     model, spec, hf = lm.model, lm.spec, lm.hf
+    metric_fn = get_metric(metric)
     graph = graph or Graph(spec)
     if gim.softmax_temperature is not None: _check_eager(lm)
     L, T = spec.n_layers, gim.softmax_temperature
@@ -103,7 +108,7 @@ def destination_gradients(lm: LoadedModel, batch: Batch, gim: GIM = GIM(), graph
         final = get_module(model, spec.final_norm)
         x = _freeze_norm(lm, final, "final") if gim.norm_freeze else final.input
         norm_in.append(x.save()); norm_out.append(final.output)
-        metric = summary_logprob(model.output.logits, batch).save()
+        metric = metric_fn(model.output.logits, batch, clean_logits).save()
         with metric.sum().backward():
             grads["final"] = norm_out[-1].grad.save()
             for l in reversed(range(L)):
@@ -160,25 +165,32 @@ def logits_with_gim(lm: LoadedModel, batch: Batch, gim: GIM) -> torch.Tensor:
     return logits
 
 # %% ../nbs/07_attribute.ipynb #c96c5ece
-def edge_scores(graph: Graph, delta: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-    "Σ over batch, positions, d_model of Δz_u · ∂m/∂x_v for every edge `[n_sources, n_destinations]` (float32)."
-    delta = delta.float().reshape(graph.n_sources, -1)              # one matrix product per layer
-    grads = grads.float().reshape(graph.n_destinations, -1)
-    out = delta.new_zeros(graph.n_sources, graph.n_destinations)
-    for l in range(graph.spec.n_layers):
-        n, cols = graph.n_upstream_attn(l), graph.attn_destinations(l)
-        out[:n, cols] = delta[:n] @ grads[cols].T
-        n, col = graph.n_upstream_mlp(l), graph.mlp_destination(l)
-        out[:n, col] = delta[:n] @ grads[col]
-    out[:, -1] = delta @ grads[-1]
-    return out
+def edge_scores(graph: Graph, delta: torch.Tensor, grads: torch.Tensor, layout: SpanLayout | None = None) -> torch.Tensor:
+    """Σ over batch, positions (of each span) and d_model of Δz_u · ∂m/∂x_v for every edge, float32, of `graph.shape`.
+    On a positional graph `delta` and `grads` are sorted by span in place (`layout.sort_`)."""
+    if graph.positional and layout is None: raise ValueError("A positional graph's scores need the batch's SpanLayout.")
+    layout = layout or SpanLayout(tuple(delta.shape[1:3]), [(0, delta.shape[1] * delta.shape[2])])
+    delta, grads = layout.sort_(delta).float(), layout.sort_(grads).float()      # [n, b * pos, d] in span order
+    out = delta.new_zeros(graph.n_spans, graph.n_sources, graph.n_destinations)
+    for s, (a, b) in enumerate(layout.bounds):                        # one matrix product per layer and span
+        if a == b: continue
+        dl, gr = delta[:, a:b].flatten(1), grads[:, a:b].flatten(1)
+        for l in range(graph.spec.n_layers):
+            n, cols = graph.n_upstream_attn(l), graph.attn_destinations(l)
+            out[s, :n, cols] = dl[:n] @ gr[cols].T
+            n, col = graph.n_upstream_mlp(l), graph.mlp_destination(l)
+            out[s, :n, col] = dl[:n] @ gr[col]
+        out[s, :, -1] = dl @ gr[-1]
+    return out if graph.positional else out[0]
 
 # %% ../nbs/07_attribute.ipynb #1a4f9919
-METHODS = ("eap", "eap-ig")
+METHODS = ("eap", "eap-corrupted", "eap-ig")
+IG_RULES = ("left", "midpoint")
+COMPLETENESS_TOLERANCE = 0.2     # warn when a pair's input-row sum is off the measured gap by more than this share
 
 @dataclass
 class Attribution:
-    "Edge scores `[n_sources, n_destinations]` averaged over examples, with how they were made."
+    "Edge scores (of `graph.shape`) averaged over examples, with how they were made and EAP-IG's completeness per pair."
     scores: torch.Tensor
     graph: Graph
     method: str
@@ -187,23 +199,32 @@ class Attribution:
     n_examples: int
     metric_clean: float         # mean task metric on clean inputs
     metric_corrupted: float     # mean task metric on corrupted inputs
+    metric: str = "summary_logprob"
+    ig_rule: str = "left"
+    input_row: list[float] = field(default_factory=list)   # per pair: the sum of the input node's edge scores
+    gaps: list[float] = field(default_factory=list)        # per pair: m(clean) − m(corrupted)
 
     @property
+    def completeness(self) -> list[float]:
+        "Per pair, the input node's edge scores over the gap they should add up to (1 for exact integrated gradients)."
+        return [r / g if g else float("nan") for r, g in zip(self.input_row, self.gaps)]
+    @property
     def node_scores(self) -> torch.Tensor:
-        "Score of each source node `[n_sources]`: the sum of its outgoing edges."
-        return self.scores.sum(1)
+        "Score of each source node `[n_sources]`: the sum of its outgoing edges (over all spans)."
+        return self.graph.stacked(self.scores).sum((0, 2))
 
     def top_edges(self, k: int = 10) -> list[tuple[str, float]]:
         "The `k` edges with the largest |score|, named."
-        flat = self.scores.abs().flatten().topk(k).indices
-        n_dst = self.graph.n_destinations
-        return [(self.graph.edge_name(int(i) // n_dst, int(i) % n_dst), float(self.scores.flatten()[i])) for i in flat]
+        flat = self.scores.flatten()
+        idx = flat.abs().topk(min(k, flat.numel())).indices
+        return [(self.graph.edge_name(*map(int, torch.unravel_index(i, self.scores.shape))), float(flat[i])) for i in idx]
 
     def save(self, folder: str | Path) -> Path:
         "Write `scores.safetensors` and `attribution.json` into `folder` (atomically)."
         folder = Path(folder)
         save_tensors(folder / "scores.safetensors", {"scores": self.scores})
         meta = {k: v for k, v in asdict(self).items() if k not in ("scores", "graph")}
+        meta.update(schema=self.graph.schema, n_positions=self.graph.n_positions)
         return save_json(folder / "attribution.json", meta)
 
 def load_attribution(folder: str | Path, spec: ArchSpec) -> Attribution:
@@ -211,41 +232,76 @@ def load_attribution(folder: str | Path, spec: ArchSpec) -> Attribution:
     folder = Path(folder)
     meta = load_json(folder / "attribution.json")
     scores = load_tensors(folder / "scores.safetensors")["scores"]
-    graph = Graph(spec)
-    if scores.shape != graph.edges.shape:
-        raise ValueError(f"Scores in {folder} have shape {tuple(scores.shape)}, not this model's graph {tuple(graph.edges.shape)}.")
-    return Attribution(scores, graph, meta["method"], meta["ig_steps"], GIM(**meta["gim"]), meta["n_examples"],
-                       meta["metric_clean"], meta["metric_corrupted"])
+    graph = Graph(spec, meta.pop("schema", "none"), meta.pop("n_positions", None))
+    if tuple(scores.shape) != graph.shape:
+        raise ValueError(f"Scores in {folder} have shape {tuple(scores.shape)}, not this model's graph {graph.shape}.")
+    return Attribution(scores, graph, **{**meta, "gim": GIM(**meta["gim"])})
 
 # %% ../nbs/07_attribute.ipynb #3b7140e7
-def attribute(lm: LoadedModel, pairs: Sequence, method: str = "eap-ig", ig_steps: int = 5,
-              gim: GIM | bool | None = None, batch_size: int = 1, progress: bool = True) -> Attribution:
-    "Score every edge of `lm`'s graph on clean/corrupted `pairs` with EAP or EAP-IG (optionally with GIM)."
+def _check_options(method: str, ig_steps, ig_rule: str) -> None:
     if method not in METHODS: raise ValueError(f"Unknown method {method!r}: use one of {METHODS}.")
-    if method == "eap-ig" and ig_steps < 1: raise ValueError(f"ig_steps must be at least 1, got {ig_steps}.")
-    gim, graph = as_gim(gim), Graph(lm.spec)
+    if not isinstance(ig_steps, int) or isinstance(ig_steps, bool) or ig_steps < 1:
+        raise ValueError(f"ig_steps must be a whole number >= 1, got {ig_steps!r}.")
+    if ig_rule not in IG_RULES: raise ValueError(f"Unknown ig_rule {ig_rule!r}: use one of {IG_RULES}.")
+
+def ig_alphas(ig_steps: int, ig_rule: str = "left") -> list[float]:
+    "The interpolation points α_k of EAP-IG: k/m (left Riemann sum) or (k + ½)/m (midpoint), k = 0…m−1."
+    return [(k + (0.5 if ig_rule == "midpoint" else 0.0)) / ig_steps for k in range(ig_steps)]
+
+def _graph_for(lm: LoadedModel, spans: str | Graph, batches) -> Graph:
+    if isinstance(spans, Graph): return spans
+    n_positions = max(c.input_ids.shape[1] for c, _ in batches) if spans == "tokens" else None
+    return Graph(lm.spec, spans, n_positions)
+
+def attribute(lm: LoadedModel, pairs: Sequence, method: str = "eap-ig", ig_steps: int = 5,
+              gim: GIM | bool | None = None, batch_size: int = 1, progress: bool = True, *,
+              spans: str | Graph = "none", metric: str | Callable = "summary_logprob",
+              ig_rule: str = "left") -> Attribution:
+    """Score every edge of `lm`'s graph on clean/corrupted `pairs` with EAP (gradient at the clean run),
+    `"eap-corrupted"` (at the corrupted run) or EAP-IG (`ig_steps` points by `ig_rule`), optionally with GIM.
+    `spans`: a span schema (`"none"`, `"roles"`, `"tokens"`) or a ready `Graph`; `metric`: a name of
+    `summcircuit.metrics.METRICS` or a function `(logits, batch, clean_logits) -> [batch]`."""
+    _check_options(method, ig_steps, ig_rule)
+    metric_fn, gim = get_metric(metric), as_gim(gim)
     batches = pair_batches(pairs, lm.tokenizer.pad_token_id, batch_size)
-    total = torch.zeros(graph.n_sources, graph.n_destinations, device=lm.device)
-    m_clean = m_corr = 0.0
-    n = 0
+    graph = _graph_for(lm, spans, batches)
+    total = torch.zeros(graph.shape, device=lm.device)
+    m_clean, m_corr, input_row = [], [], []
     for clean, corr in tqdm(batches, desc=f"{method} attribution", disable=not progress):
         clean, corr = clean.to(lm.device), corr.to(lm.device)          # aligned: pair_batches checked them
+        layout = SpanLayout.of(graph, clean)
         z_clean, logits_clean = node_outputs(lm, clean, return_logits=True)
         z_corr, logits_corr = node_outputs(lm, corr, return_logits=True)
         emb_clean, emb_corr = z_clean[0].clone(), z_corr[0].clone()      # the input node's output: the embeddings
         delta = z_clean.sub_(z_corr).mul_(clean.attention_mask[None, :, :, None])   # in place: memory stays bounded
         del z_clean, z_corr
-        if method == "eap":
-            grads = destination_gradients(lm, corr, gim, graph)[0]
+        kw = dict(metric=metric_fn, clean_logits=logits_clean)
+        if method != "eap-ig":
+            grads = destination_gradients(lm, clean if method == "eap" else corr, gim, graph, **kw)[0]
         else:
             grads = None
-            for k in range(ig_steps):
-                e_k = emb_corr + (k / ig_steps) * (emb_clean - emb_corr)
-                grads = destination_gradients(lm, clean, gim, graph, layer0_input=e_k, out=grads, weight=1 / ig_steps)[0]
-        total += edge_scores(graph, delta, grads)
-        m_clean += summary_logprob(logits_clean, clean).sum().item()
-        m_corr += summary_logprob(logits_corr, corr).sum().item()
-        n += len(clean)
+            for a in ig_alphas(ig_steps, ig_rule):
+                e = emb_corr + a * (emb_clean - emb_corr)
+                grads = destination_gradients(lm, clean, gim, graph, layer0_input=e, out=grads, weight=1 / ig_steps, **kw)[0]
+        input_row += (delta[0] * grads.sum(0)).sum((-2, -1)).tolist()   # before edge_scores sorts them in place
+        total += edge_scores(graph, delta, grads, layout)
+        m_clean += metric_fn(logits_clean, clean, logits_clean).tolist()
+        m_corr += metric_fn(logits_corr, clean, logits_clean).tolist()
         del delta, grads
         gc.collect()
-    return Attribution((total / n).cpu(), graph, method, ig_steps if method == "eap-ig" else 0, gim, n, m_clean / n, m_corr / n)
+    n = len(m_clean)
+    att = Attribution((total / n).cpu(), graph, method, ig_steps if method == "eap-ig" else 0, gim, n,
+                      sum(m_clean) / n, sum(m_corr) / n, metric if isinstance(metric, str) else metric_fn.__name__, ig_rule,
+                      input_row, [a - b for a, b in zip(m_clean, m_corr)])
+    _warn_incomplete(att)
+    return att
+
+def _warn_incomplete(att: Attribution) -> None:
+    "Warn when EAP-IG's input-row sum misses a pair's measured gap by more than `COMPLETENESS_TOLERANCE`."
+    if att.method != "eap-ig" or att.gim.active: return          # only plain EAP-IG is complete by construction
+    off = [(i, c) for i, c in enumerate(att.completeness) if not abs(c - 1) <= COMPLETENESS_TOLERANCE]
+    if off:
+        worst = max(off, key=lambda t: abs(t[1] - 1))
+        warnings.warn(f"EAP-IG is incomplete on {len(off)} of {att.n_examples} pairs (input-row sum / measured gap "
+                      f"outside 1 ± {COMPLETENESS_TOLERANCE}; worst: pair {worst[0]} at {worst[1]:.2f}): raise ig_steps "
+                      f"(now {att.ig_steps}) or use ig_rule='midpoint'.", stacklevel=3)

@@ -5,176 +5,253 @@
 # %% ../nbs/08_circuits.ipynb #19438bbe
 from __future__ import annotations
 import math, random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from scipy import stats
 from tqdm.auto import tqdm
 
-from .attribute import Attribution
+from .attribute import Attribution, attribute
+from .core import load_json, load_tensors, save_json, save_tensors
 from .corrupt import pair_batches
-from .data import Batch, summary_logprob
-from .graph import Graph, run_with_patched_edges
+from .data import Batch
+from .graph import Graph, node_outputs, run_with_patched_edges
+from .metrics import get_metric, needs_clean
 from .models import LoadedModel
 
 # %% auto #0
-__all__ = ['FRACTIONS', 'destination_owners', 'prune', 'top_n_circuit', 'greedy_circuit', 'Baselines', 'PatchBatch',
-           'patch_batches', 'circuit_metric', 'baselines', 'faithfulness', 'area', 'FaithfulnessCurve',
-           'random_circuit', 'faithfulness_curve', 'top_edges', 'jaccard', 'split_halves', 'robustness',
-           'circuit_nodes', 'compare_circuits', 'layer_profile', 'plot_circuit', 'plot_faithfulness', 'plot_layer_mass',
-           'save_circuit', 'load_circuit_snapshots', 'evolution_table', 'plot_evolution']
+__all__ = ['FRACTIONS', 'read_by', 'readers', 'prune', 'top_n_mask', 'top_n_circuit', 'greedy_circuit', 'Baselines', 'PatchBatch',
+           'patch_batches', 'as_patch_batches', 'circuit_metrics', 'circuit_metric', 'baselines', 'faithfulness',
+           'faithfulness_interval', 'area', 'random_circuit', 'FaithfulnessCurve', 'faithfulness_curve', 'jaccard',
+           'split_halves', 'robustness', 'edge_effects', 'exact_agreement', 'estimated_faithfulness', 'circuit_nodes',
+           'compare_circuits', 'layer_profile', 'plot_circuit', 'plot_faithfulness', 'plot_layer_mass', 'save_circuit',
+           'load_circuit_snapshots', 'evolution_table', 'plot_evolution']
 
 # %% ../nbs/08_circuits.ipynb #c4f87c2b
-def destination_owners(graph: Graph) -> torch.Tensor:
-    "Boolean `[n_destinations, n_sources]`: True where the source node reads that destination."
-    s = graph.spec
-    own = torch.zeros(graph.n_destinations, graph.n_sources, dtype=torch.bool)
-    for l in range(s.n_layers):
-        for h in range(s.n_heads):
-            g = h // s.group_size
-            for d in (graph.q_destination(l, h), graph.k_destination(l, g), graph.v_destination(l, g)):
-                own[d, graph.head_source(l, h)] = True
-        own[graph.mlp_destination(l), graph.mlp_source(l)] = True
-    return own
+def _ownership(graph: Graph, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    "Float `[n_dst, n_src]` owners of same-span inputs (q, MLP), of k/v inputs, and span reads `[S, S]`."
+    own, kv = graph.owners.to(device).float(), graph.kv_destinations.to(device)
+    return own * (~kv)[:, None], own * kv[:, None], graph.span_reads.to(device).float()
+
+def read_by(nodes: torch.Tensor, graph: Graph) -> torch.Tensor:
+    "Destinations `[S, n_dst]` read by some node instance in boolean `nodes` `[S, n_src]`."
+    local, kv, reads = _ownership(graph, nodes.device)
+    x = nodes.float()
+    return ((x @ local.T) > 0) | ((reads.T @ (x @ kv.T)) > 0)
+
+def readers(dests: torch.Tensor, graph: Graph) -> torch.Tensor:
+    "Node instances `[S, n_src]` that read some destination in boolean `dests` `[S, n_dst]`."
+    local, kv, reads = _ownership(graph, dests.device)
+    x = dests.float()
+    return ((x @ local) > 0) | ((reads @ (x @ kv)) > 0)
 
 def prune(circuit: torch.Tensor, graph: Graph) -> torch.Tensor:
     "Drop edges until every node in `circuit` (but the input) has an incoming and (but the logits) an outgoing edge."
-    owners = destination_owners(graph).to(circuit.device)
-    circuit = circuit & graph.edges.to(circuit.device)
+    c = graph.stacked(circuit) & graph.stacked(graph.edges).to(circuit.device)
     while True:
-        has_out = circuit.any(1)                                         # [sources]
-        has_in = (circuit.any(0).float() @ owners.float()) > 0           # [sources]
-        has_in[0] = True                                                 # the input needs no incoming edge
-        dest_alive = (owners & has_out[None]).any(1)                     # a destination is read by a live node
-        dest_alive[-1] = True                                            # the logits need no outgoing edge
-        pruned = circuit & has_in[:, None] & dest_alive[None, :]
-        if torch.equal(pruned, circuit): return circuit
-        circuit = pruned
+        has_in = readers(c.any(1), graph); has_in[:, 0] = True       # the input needs no incoming edge
+        alive = read_by(c.any(2), graph); alive[:, -1] = True          # the logits need no outgoing edge
+        pruned = c & has_in[:, :, None] & alive[:, None, :]
+        if torch.equal(pruned, c): return c if graph.positional else c[0]
+        c = pruned
 
 # %% ../nbs/08_circuits.ipynb #aa094000
+def _check_scores(scores: torch.Tensor) -> None:
+    if torch.isnan(scores).any():
+        raise ValueError(f"{int(torch.isnan(scores).sum())} edge scores are NaN: the attribution failed (NaN weights or "
+                         "an empty target?); recompute it before selecting a circuit.")
+
+def top_n_mask(scores: torch.Tensor, graph: Graph, n: int, absolute: bool = True) -> torch.Tensor:
+    "The `n` edges with the largest |score| (or score, `absolute=False`), unpruned; NaN scores are refused."
+    _check_scores(scores)
+    key = (scores.abs() if absolute else scores).masked_fill(~graph.edges.to(scores.device), -math.inf)
+    mask = torch.zeros(key.numel(), dtype=torch.bool, device=scores.device)
+    mask[key.flatten().topk(max(0, min(n, graph.n_edges))).indices] = True
+    return mask.view(key.shape)
+
 def top_n_circuit(scores: torch.Tensor, graph: Graph, n: int, absolute: bool = True) -> torch.Tensor:
     "The `n` edges with the largest |score| (or score, `absolute=False`), pruned."
-    key = (scores.abs() if absolute else scores).masked_fill(~graph.edges.to(scores.device), -math.inf)
-    n = max(0, min(n, graph.n_edges))
-    circuit = torch.zeros(graph.edges.numel(), dtype=torch.bool, device=scores.device)
-    circuit[key.flatten().topk(n).indices] = True
-    return prune(circuit.view_as(graph.edges), graph)
+    return prune(top_n_mask(scores, graph, n, absolute), graph)
 
 def greedy_circuit(scores: torch.Tensor, graph: Graph, n: int, absolute: bool = True) -> torch.Tensor:
-    "Grow `n` edges backwards from the logits, each into a node already in the circuit; then prune."
-    owners = destination_owners(graph).to(scores.device)
-    key = (scores.abs() if absolute else scores).masked_fill(~graph.edges.to(scores.device), -math.inf)
-    circuit = torch.zeros_like(graph.edges, device=scores.device)
-    in_circuit = torch.zeros(graph.n_sources, dtype=torch.bool, device=scores.device)
-    open_dest = torch.zeros(graph.n_destinations, dtype=torch.bool, device=scores.device)
-    open_dest[-1] = True
+    "Grow `n` edges backwards from the logits, each into a destination read by a node already in the circuit; prune."
+    _check_scores(scores)
+    key = graph.stacked(scores.abs() if absolute else scores).masked_fill(~graph.stacked(graph.edges).to(scores.device), -math.inf)
+    S, n_src, n_dst = key.shape
+    circuit = torch.zeros_like(key, dtype=torch.bool)
+    open_dest = torch.zeros(S, n_dst, dtype=torch.bool, device=key.device)
+    open_dest[:, -1] = True
     for _ in range(min(n, graph.n_edges)):
-        cand = key.masked_fill(~open_dest[None, :] | circuit, -math.inf)
-        best = int(cand.flatten().argmax())
-        if cand.flatten()[best] == -math.inf: break
-        u, d = divmod(best, graph.n_destinations)
-        circuit[u, d] = True
-        if not in_circuit[u]:
-            in_circuit[u] = True
-            open_dest |= owners[:, u]
-    return prune(circuit, graph)
+        cand = key.masked_fill(~open_dest[:, None, :] | circuit, -math.inf).flatten()
+        best = int(cand.argmax())
+        if cand[best] == -math.inf: break
+        s, u, d = np.unravel_index(best, key.shape)
+        if not circuit[s, u].any():                                  # a new node instance opens what it reads
+            node = torch.zeros(S, n_src, dtype=torch.bool, device=key.device); node[s, u] = True
+            open_dest |= read_by(node, graph)
+        circuit[s, u, d] = True
+    return prune(circuit if graph.positional else circuit[0], graph)
 
 # %% ../nbs/08_circuits.ipynb #126070ee
 @dataclass
 class Baselines:
-    "Mean task metric of the full model (clean) and of the empty circuit (corrupted)."
+    "Mean metric of the full model (clean) and of the empty circuit (corrupted), and their values per pair."
     full: float
     empty: float
+    full_per_pair: list[float] = field(default_factory=list)
+    empty_per_pair: list[float] = field(default_factory=list)
 
 @dataclass
 class PatchBatch:
-    "An aligned clean/corrupted batch with the corrupted run's node outputs, computed once for many circuits."
+    "An aligned clean/corrupted batch with the corrupted run's node outputs (and, for KL, the clean logits), made once."
     clean: Batch
     corrupted: Batch
     corrupted_outputs: torch.Tensor
+    clean_logits: torch.Tensor | None = None
 
-def patch_batches(lm: LoadedModel, pairs: Sequence, batch_size: int = 4) -> list[PatchBatch]:
-    "Batch `pairs` and run the corrupted inputs once."
-    from summcircuit.graph import node_outputs
-    return [PatchBatch(c, k, node_outputs(lm, k)) for c, k in pair_batches(pairs, lm.tokenizer.pad_token_id, batch_size)]
+def patch_batches(lm: LoadedModel, pairs: Sequence, batch_size: int = 4, metric: str | Callable = "summary_logprob") -> list[PatchBatch]:
+    "Batch `pairs` and run the corrupted inputs once (and the clean ones, when `metric` compares with them)."
+    out = []
+    for c, k in pair_batches(pairs, lm.tokenizer.pad_token_id, batch_size):
+        z, logits = node_outputs(lm, c, return_logits=True) if needs_clean(metric) else (None, None)
+        del z
+        out.append(PatchBatch(c, k, node_outputs(lm, k), logits))
+    return out
 
-def circuit_metric(lm: LoadedModel, batches: Sequence[PatchBatch], circuit: torch.Tensor, graph: Graph) -> float:
-    "Mean task metric with every edge outside `circuit` patched to its corrupted value."
-    total, n = 0.0, 0
+def as_patch_batches(lm: LoadedModel, pairs: Sequence, batch_size: int, metric) -> list[PatchBatch]:
+    "`pairs` as they are when already `PatchBatch`es, else `patch_batches`."
+    return list(pairs) if pairs and isinstance(pairs[0], PatchBatch) else patch_batches(lm, pairs, batch_size, metric)
+
+def circuit_metrics(lm: LoadedModel, batches: Sequence[PatchBatch], circuit: torch.Tensor, graph: Graph,
+                    metric: str | Callable = "summary_logprob") -> list[float]:
+    "The metric of every pair with every edge outside `circuit` patched to its corrupted value."
+    metric_fn, out = get_metric(metric), []
     for b in batches:
         logits = run_with_patched_edges(lm, b.clean, b.corrupted, circuit, graph, b.corrupted_outputs)
-        total += summary_logprob(logits, b.clean.to(logits.device)).sum().item()
-        n += len(b.clean)
-    return total / n
+        out += metric_fn(logits, b.clean.to(logits.device), b.clean_logits).tolist()
+    if not all(map(math.isfinite, out)):
+        raise ValueError(f"The metric is not finite on {sum(not math.isfinite(x) for x in out)} pairs: NaN weights or a "
+                         "pair without target tokens; check the model and the pairs.")
+    return out
 
-def baselines(lm: LoadedModel, batches: Sequence[PatchBatch], graph: Graph) -> Baselines:
-    "The full model's and the empty circuit's mean metric on `batches`."
-    return Baselines(circuit_metric(lm, batches, graph.edges, graph),
-                     circuit_metric(lm, batches, torch.zeros_like(graph.edges), graph))
+def circuit_metric(lm: LoadedModel, batches: Sequence[PatchBatch], circuit: torch.Tensor, graph: Graph,
+                   metric: str | Callable = "summary_logprob") -> float:
+    "Mean metric with every edge outside `circuit` patched to its corrupted value."
+    return float(np.mean(circuit_metrics(lm, batches, circuit, graph, metric)))
+
+def baselines(lm: LoadedModel, batches: Sequence[PatchBatch], graph: Graph, metric: str | Callable = "summary_logprob") -> Baselines:
+    "The full model's and the empty circuit's metric on `batches`."
+    full = circuit_metrics(lm, batches, graph.edges, graph, metric)
+    empty = circuit_metrics(lm, batches, torch.zeros_like(graph.edges), graph, metric)
+    return Baselines(float(np.mean(full)), float(np.mean(empty)), full, empty)
 
 def faithfulness(metric: float, base: Baselines) -> float:
-    "f(C) = (m(C) − m(∅)) / (m(full) − m(∅))."
+    "f(C) = (m(C) − m(∅)) / (m(full) − m(∅)), on means over pairs."
     if abs(base.full - base.empty) < 1e-9:
         raise ValueError("Clean and corrupted inputs give the same metric: the corruption removes nothing to recover, "
                          "so faithfulness is undefined. Check the corruption (salient sentences masked?).")
     return (metric - base.empty) / (base.full - base.empty)
 
+def faithfulness_interval(per_pair: Sequence[float], base: Baselines, confidence: float = 0.95,
+                          n_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    "A paired percentile-bootstrap interval over pairs of f(C), the ratio of means (pairs resampled jointly)."
+    data = tuple(np.asarray(x, dtype=float) for x in (per_pair, base.full_per_pair, base.empty_per_pair))
+    if len(data[0]) < 2 or not len(data[0]) == len(data[1]) == len(data[2]): return (float("nan"), float("nan"))
+    ratio = lambda c, f, e, axis: (c.mean(axis) - e.mean(axis)) / (f.mean(axis) - e.mean(axis))
+    res = stats.bootstrap(data, ratio, paired=True, vectorized=True, n_resamples=n_resamples, confidence_level=confidence,
+                          method="percentile", rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
 # %% ../nbs/08_circuits.ipynb #9b7bd173
-FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)    # MIB's ten circuit sizes
 
 def area(fractions: Sequence[float], values: Sequence[float]) -> float:
-    "Trapezoid area of `values` over `fractions` (the share of edges in the circuit)."
+    "Trapezoid area of `values` over `fractions` (the share of edges in the circuit), as MIB integrates."
     return float(np.trapezoid(values, fractions))
+
+def random_circuit(graph: Graph, n: int, rng: random.Random, max_stall: int = 200) -> torch.Tensor:
+    "A random circuit of at least `n` edges (at most one path more) that pruning leaves whole: random paths, then fill."
+    n = min(n, graph.n_edges)
+    up, kv = graph.n_upstream.tolist(), graph.kv_destinations.tolist()
+    owned = [graph.owners[:, u].nonzero().flatten().tolist() for u in range(graph.n_sources)]
+    readable = [graph.span_reads[s].nonzero().flatten().tolist() for s in range(graph.n_spans)]
+    chosen, stall = set(), 0
+    while len(chosen) < n and stall < max_stall:
+        before, s, d = len(chosen), rng.randrange(graph.n_spans), graph.logits_destination
+        while True:                                       # one path, from the logits back to the input
+            u = rng.randrange(up[d])
+            chosen.add((s, u, d))
+            if u == 0: break
+            d = rng.choice(owned[u])
+            if kv[d]: s = rng.choice(readable[s])         # a k/v input at a span the head's span reads
+        stall = stall + 1 if len(chosen) == before else 0
+    c = torch.zeros(graph.n_spans, graph.n_sources, graph.n_destinations, dtype=torch.bool)
+    if chosen: c[tuple(torch.tensor(sorted(chosen)).T)] = True
+    missing = n - int(c.sum())
+    if missing > 0:                                       # fill among edges whose two ends are already connected
+        has_in = readers(c.any(1), graph); has_in[:, 0] = True
+        alive = read_by(c.any(2), graph); alive[:, -1] = True
+        free = (graph.stacked(graph.edges) & has_in[:, :, None] & alive[:, None, :] & ~c).flatten().nonzero().flatten()
+        gen = torch.Generator().manual_seed(rng.randrange(2**31))
+        c.view(-1)[free[torch.randperm(len(free), generator=gen)[:missing]]] = True
+    return c if graph.positional else c[0]
 
 @dataclass
 class FaithfulnessCurve:
-    "Faithfulness of circuits of growing size, for one selection rule."
-    fractions: list[float]
-    n_edges: list[int]
+    "Faithfulness of circuits of growing size for one selection rule, with intervals and a size-matched random baseline."
+    fractions: list[float]                  # nominal shares of the edges (MIB's x axis)
+    n_edges: list[int]                      # nominal sizes asked of the selection
     faithfulness: list[float]
+    n_counted: list[int] = field(default_factory=list)       # sizes after pruning
+    ci_low: list[float] = field(default_factory=list)
+    ci_high: list[float] = field(default_factory=list)
+    per_pair: list[list[float]] = field(default_factory=list)   # patched metric of each pair at each size
     random_mean: list[float] | None = None
     random_std: list[float] | None = None
+    random_counted: list[float] | None = None                # mean size of the random circuits after pruning
+    random_survival: list[float] | None = None               # share of their edges that pruning kept
+    n_total: int = 0                                         # edges of the graph
 
     @property
     def area(self) -> float: return area(self.fractions, self.faithfulness)
     @property
     def area_off_one(self) -> float: return area(self.fractions, [abs(1 - f) for f in self.faithfulness])
-
-def random_circuit(graph: Graph, n: int, generator: torch.Generator) -> torch.Tensor:
-    "`n` edges drawn uniformly among the graph's edges, pruned."
-    idx = graph.edges.flatten().nonzero().squeeze(1)
-    pick = idx[torch.randperm(len(idx), generator=generator)[:n]]
-    c = torch.zeros(graph.edges.numel(), dtype=torch.bool); c[pick] = True
-    return prune(c.view_as(graph.edges), graph)
+    @property
+    def counted_fractions(self) -> list[float]: return [n / self.n_total for n in self.n_counted] if self.n_total else []
 
 def faithfulness_curve(lm: LoadedModel, att: Attribution, pairs: Sequence, fractions: Sequence[float] = FRACTIONS,
                        absolute: bool = True, selection: str = "top-n", n_random: int = 0, batch_size: int = 4,
-                       seed: int = 0, progress: bool = True) -> FaithfulnessCurve:
-    "Faithfulness at each fraction of edges (and of `n_random` random circuits of the same sizes)."
-    graph = att.graph
-    batches = patch_batches(lm, pairs, batch_size)
-    base = baselines(lm, batches, graph)
+                       seed: int = 0, progress: bool = True, metric: str | Callable | None = None) -> FaithfulnessCurve:
+    """Faithfulness at each share of edges (MIB's sizes by default), with bootstrap intervals over `pairs` (or ready
+    `PatchBatch`es), and of `n_random` random circuits of the same counted size. `metric` defaults to `att.metric`."""
+    graph, metric = att.graph, metric or att.metric
+    batches = as_patch_batches(lm, pairs, batch_size, metric)
+    base = baselines(lm, batches, graph, metric)
     select = {"top-n": top_n_circuit, "greedy": greedy_circuit}[selection]
-    gen = torch.Generator().manual_seed(seed)
-    sizes = [max(1, round(f * graph.n_edges)) for f in fractions]
-    faith, rmean, rstd = [], [], []
+    rng = random.Random(seed)
+    sizes = [max(1, int(f * graph.n_edges)) for f in fractions]
+    curve = FaithfulnessCurve(list(fractions), sizes, [], n_total=graph.n_edges)
+    rmean, rstd, rcount, rsurv = [], [], [], []
     for n in tqdm(sizes, desc=f"faithfulness ({selection}, {'|score|' if absolute else 'score'})", disable=not progress):
-        faith.append(faithfulness(circuit_metric(lm, batches, select(att.scores, graph, n, absolute), graph), base))
+        circuit = select(att.scores, graph, n, absolute)
+        per_pair = circuit_metrics(lm, batches, circuit, graph, metric)
+        curve.faithfulness.append(faithfulness(float(np.mean(per_pair)), base))
+        curve.n_counted.append(int(circuit.sum())); curve.per_pair.append(per_pair)
+        lo, hi = faithfulness_interval(per_pair, base, seed=seed)
+        curve.ci_low.append(lo); curve.ci_high.append(hi)
         if n_random:
-            r = [faithfulness(circuit_metric(lm, batches, random_circuit(graph, n, gen), graph), base) for _ in range(n_random)]
+            rand = [random_circuit(graph, int(circuit.sum()) or 1, rng) for _ in range(n_random)]
+            r = [faithfulness(circuit_metric(lm, batches, c, graph, metric), base) for c in rand]
             rmean.append(float(np.mean(r))); rstd.append(float(np.std(r)))
-    return FaithfulnessCurve(list(fractions), sizes, faith, rmean or None, rstd or None)
+            rcount.append(float(np.mean([int(prune(c, graph).sum()) for c in rand])))
+            rsurv.append(float(np.mean([int(prune(c, graph).sum()) / max(1, int(c.sum())) for c in rand])))
+    if n_random: curve.random_mean, curve.random_std, curve.random_counted, curve.random_survival = rmean, rstd, rcount, rsurv
+    return curve
 
 # %% ../nbs/08_circuits.ipynb #29810eca
-def top_edges(scores: torch.Tensor, graph: Graph, n: int) -> torch.Tensor:
-    "The `n` edges with the largest |score|, unpruned (for overlap measures)."
-    key = scores.abs().masked_fill(~graph.edges.to(scores.device), -math.inf)
-    mask = torch.zeros(graph.edges.numel(), dtype=torch.bool, device=scores.device)
-    mask[key.flatten().topk(min(n, graph.n_edges)).indices] = True
-    return mask.view_as(graph.edges)
-
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
     "|a ∩ b| / |a ∪ b| of two boolean masks (1 for two empty sets)."
     union = (a | b).sum().item()
@@ -190,50 +267,74 @@ def split_halves(pairs: Sequence, seed: int = 0) -> tuple[list, list]:
 # %% ../nbs/08_circuits.ipynb #e1aef79d
 def robustness(lm: LoadedModel, pairs: Sequence, variant_pairs: Sequence | None = None, n_edges: int = 100,
                method: str = "eap-ig", ig_steps: int = 5, gim=None, batch_size: int = 4, seed: int = 0,
-               progress: bool = True) -> dict:
+               progress: bool = True, **attribute_kw) -> dict:
     "Jaccard of top-n edges across disjoint halves (and corruption variants), and held-out faithfulness."
-    from summcircuit.attribute import attribute
     half_a, half_b = split_halves(pairs, seed)
-    kw = dict(method=method, ig_steps=ig_steps, gim=gim, batch_size=batch_size, progress=progress)
+    kw = dict(method=method, ig_steps=ig_steps, gim=gim, batch_size=batch_size, progress=progress, **attribute_kw)
     att_a, att_b = attribute(lm, half_a, **kw), attribute(lm, half_b, **kw)
     graph = att_a.graph
-    out = {"n_edges": n_edges, "jaccard_halves": jaccard(top_edges(att_a.scores, graph, n_edges), top_edges(att_b.scores, graph, n_edges))}
-    batches_b = patch_batches(lm, half_b, batch_size)
-    base_b = baselines(lm, batches_b, graph)
+    out = {"n_edges": n_edges, "jaccard_halves": jaccard(top_n_mask(att_a.scores, graph, n_edges), top_n_mask(att_b.scores, graph, n_edges))}
+    batches_b = patch_batches(lm, half_b, batch_size, att_a.metric)
+    base_b = baselines(lm, batches_b, graph, att_a.metric)
     for name, att in (("heldout_faithfulness", att_a), ("insample_faithfulness", att_b)):   # found on A / on B, tested on B
-        out[name] = faithfulness(circuit_metric(lm, batches_b, top_n_circuit(att.scores, graph, n_edges), graph), base_b)
+        out[name] = faithfulness(circuit_metric(lm, batches_b, top_n_circuit(att.scores, graph, n_edges), graph, att.metric), base_b)
     if variant_pairs is not None:
         att_all, att_var = attribute(lm, pairs, **kw), attribute(lm, variant_pairs, **kw)
-        out["jaccard_variants"] = jaccard(top_edges(att_all.scores, graph, n_edges), top_edges(att_var.scores, graph, n_edges))
+        out["jaccard_variants"] = jaccard(top_n_mask(att_all.scores, graph, n_edges), top_n_mask(att_var.scores, graph, n_edges))
     return out
+
+# %% ../nbs/08_circuits.ipynb #32cc1163
+def edge_effects(lm: LoadedModel, batches: Sequence[PatchBatch], graph: Graph, edges: Sequence[tuple[int, ...]],
+                 metric: str | Callable = "summary_logprob", progress: bool = True) -> list[float]:
+    "Exact effect of each edge (an index of `graph.shape`): m(full) − m(every edge but that one), mean over pairs."
+    full = circuit_metric(lm, batches, graph.edges, graph, metric)
+    out = []
+    for e in tqdm(edges, desc="exact patching", disable=not progress):
+        mask = graph.edges.clone(); mask[tuple(e)] = False
+        out.append(full - circuit_metric(lm, batches, mask, graph, metric))
+    return out
+
+def exact_agreement(lm: LoadedModel, att: Attribution, pairs: Sequence, n: int = 100, batch_size: int = 4,
+                    progress: bool = True) -> dict:
+    "Spearman's ρ and sign agreement between the `n` top |score| edges' scores and their exact patching effects."
+    batches = as_patch_batches(lm, pairs, batch_size, att.metric)
+    edges = top_n_mask(att.scores, att.graph, n).nonzero().tolist()
+    est = [float(att.scores[tuple(e)]) for e in edges]
+    true = edge_effects(lm, batches, att.graph, edges, att.metric, progress)
+    return {"n_edges": len(edges), "spearman": float(stats.spearmanr(est, true).statistic),
+            "sign_agreement": float(np.mean([(a > 0) == (b > 0) for a, b in zip(est, true)])),
+            "estimated": est, "exact": true}
+
+def estimated_faithfulness(att: Attribution, circuit: torch.Tensor) -> float:
+    "The linear estimate of f(C): the circuit's summed scores over the clean − corrupted gap."
+    return float((att.scores * circuit).sum()) / (att.metric_clean - att.metric_corrupted)
 
 # %% ../nbs/08_circuits.ipynb #3f6faedb
 def circuit_nodes(circuit: torch.Tensor, graph: Graph) -> torch.Tensor:
-    "Source nodes `[n_sources]` that have an edge in `circuit` (in or out)."
-    owners = destination_owners(graph).to(circuit.device)
-    return circuit.any(1) | ((circuit.any(0).float() @ owners.float()) > 0)
+    "Source node instances with an edge in `circuit` (in or out): `[n_sources]`, or `[n_spans, n_sources]` positional."
+    c = graph.stacked(circuit)
+    nodes = c.any(2) | readers(c.any(1), graph)
+    return nodes if graph.positional else nodes[0]
 
 def compare_circuits(a: torch.Tensor, b: torch.Tensor, graph: Graph) -> dict[str, float]:
     "Node and edge Jaccard of two circuits, and the share of changed edges that join persisting nodes."
     na, nb = circuit_nodes(a, graph), circuit_nodes(b, graph)
-    persisting = na & nb
-    persisting[0] = True                                           # the input is always there
-    owners = destination_owners(graph).to(a.device)
-    dest_persists = (owners & persisting[None]).any(1)
-    dest_persists[-1] = True                                       # so are the logits
-    changed = a ^ b
-    among = changed & persisting[:, None] & dest_persists[None, :]
+    persisting = (na & nb).clone() if graph.positional else (na & nb)[None].clone()
+    persisting[:, 0] = True                                        # the input is always there
+    dest_persists = read_by(persisting, graph)
+    dest_persists[:, -1] = True                                    # so are the logits
+    changed = graph.stacked(a ^ b)
+    among = changed & persisting[:, :, None] & dest_persists[:, None, :]
     n_changed = int(changed.sum())
     return {"node_jaccard": jaccard(na, nb), "edge_jaccard": jaccard(a, b), "edges_changed": n_changed,
             "share_changed_among_persisting_nodes": float(among.sum()) / n_changed if n_changed else float("nan")}
 
 def layer_profile(circuit: torch.Tensor, scores: torch.Tensor, graph: Graph) -> list[float]:
-    "Share of the circuit's |score| mass leaving each layer's nodes (input first, then layers 0..L-1)."
-    mass = (scores.abs() * circuit).sum(1)                         # per source
-    per_layer = [mass[0].item()] + [mass[1 + l * graph.per_layer_sources: 1 + (l + 1) * graph.per_layer_sources].sum().item()
-                                    for l in range(graph.spec.n_layers)]
-    total = sum(per_layer) or 1.0
-    return [x / total for x in per_layer]
+    "Share of the circuit's |score| mass leaving each layer's nodes (input first, then layers 0..L-1), over all spans."
+    mass = graph.stacked(scores.abs() * circuit).sum((0, 2))       # per source
+    per_layer = torch.zeros(graph.spec.n_layers + 1).index_add_(0, graph.source_layer + 1, mass.float().cpu())
+    total = per_layer.sum().item() or 1.0
+    return (per_layer / total).tolist()
 
 # %% ../nbs/08_circuits.ipynb #bcba9862
 import matplotlib.pyplot as plt
@@ -248,10 +349,14 @@ def _node_xy(graph: Graph) -> np.ndarray:
     return np.array(xy)
 
 def plot_circuit(circuit: torch.Tensor, scores: torch.Tensor, graph: Graph, ax=None, title: str = "circuit"):
-    "Draw `circuit`: layers top to bottom, edge width by |score|, red positive / blue negative."
+    "Draw `circuit`: layers top to bottom, edge width by |score|, red positive / blue negative (spans summed)."
     from matplotlib.collections import LineCollection
+    if graph.positional:                                   # one drawing: each edge's spans together
+        c3 = graph.stacked(circuit)
+        circuit, scores = c3.any(0), (graph.stacked(scores) * c3).sum(0)
+        graph = Graph(graph.spec)
     ax = ax or plt.subplots(figsize=(7, 0.45 * graph.spec.n_layers + 2))[1]
-    xy, owners = _node_xy(graph), destination_owners(graph)
+    xy, owners = _node_xy(graph), graph.owners
     logits_xy = np.array([graph.spec.n_heads / 2, graph.spec.n_layers + 2.0])
     segs, widths, colors = [], [], []
     edges = circuit.nonzero().tolist()
@@ -272,16 +377,18 @@ def plot_circuit(circuit: torch.Tensor, scores: torch.Tensor, graph: Graph, ax=N
     return ax
 
 def plot_faithfulness(curves: dict[str, FaithfulnessCurve], ax=None):
-    "Faithfulness against the share of edges, with the random-circuit baseline as a band."
+    "Faithfulness against the share of edges counted after pruning, with 95% intervals and the size-matched random baseline."
     ax = ax or plt.subplots(figsize=(6, 4))[1]
     for name, c in curves.items():
-        ax.plot(c.fractions, c.faithfulness, marker="o", label=f"{name} (area {c.area:.2f})")
+        x = c.counted_fractions or c.fractions
+        line, = ax.plot(x, c.faithfulness, marker="o", label=f"{name} (area {c.area:.2f})")
+        if c.ci_low: ax.fill_between(x, c.ci_low, c.ci_high, alpha=0.15, color=line.get_color())
         if c.random_mean is not None:
             m, s = np.array(c.random_mean), np.array(c.random_std)
-            ax.fill_between(c.fractions, m - s, m + s, alpha=0.2)
-            ax.plot(c.fractions, m, ls="--", c="gray", label=f"random ({name})")
+            ax.fill_between(x, m - s, m + s, alpha=0.2, color="gray")
+            ax.plot(x, m, ls="--", c="gray", label=f"random, same size ({name})")
     ax.set_xscale("log"); ax.axhline(1, c="k", lw=0.5); ax.axhline(0, c="k", lw=0.5)
-    ax.set_xlabel("share of edges in the circuit"); ax.set_ylabel("faithfulness"); ax.legend(fontsize=8)
+    ax.set_xlabel("share of edges in the circuit (after pruning)"); ax.set_ylabel("faithfulness"); ax.legend(fontsize=8)
     return ax
 
 def plot_layer_mass(scores: torch.Tensor, graph: Graph, ax=None):
@@ -295,24 +402,23 @@ def plot_layer_mass(scores: torch.Tensor, graph: Graph, ax=None):
 # %% ../nbs/08_circuits.ipynb #5957af4a
 def save_circuit(folder: str | Path, att: Attribution, circuit: torch.Tensor, step: int, **results) -> Path:
     "Write scores, the circuit mask and a JSON summary (node and edge names, `results`) into `folder`."
-    from summcircuit.core import save_json, save_tensors
     folder = Path(folder)
     att.save(folder)
     save_tensors(folder / "circuit.safetensors", {"circuit": circuit})
     g = att.graph
-    nodes = [g.source_names[i] for i in circuit_nodes(circuit, g).nonzero().flatten().tolist()]
-    edges = [(g.edge_name(u, d), float(att.scores[u, d])) for u, d in circuit.nonzero().tolist()]
+    nodes = [g.source_names[i[-1]] + (f" @{g.spans[i[0]]}" if g.positional else "")
+             for i in circuit_nodes(circuit, g).nonzero().tolist()]
+    edges = [(g.edge_name(*i), float(att.scores[tuple(i)])) for i in circuit.nonzero().tolist()]
     return save_json(folder / "circuit.json", {"step": step, "n_edges": len(edges), "nodes": nodes, "edges": edges,
                                                "layer_profile": layer_profile(circuit, att.scores, g), **results})
 
 def load_circuit_snapshots(circuits_folder: str | Path, graph: Graph) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
     "`(step, circuit, scores)` of every checkpoint folder under `circuits_folder`, sorted by step."
-    from summcircuit.core import load_json, load_tensors
     out = []
     for f in sorted(Path(circuits_folder).glob("step-*")):
         if not (f / "circuit.json").exists(): continue
         c = load_tensors(f / "circuit.safetensors")["circuit"]
-        if c.shape != graph.edges.shape: raise ValueError(f"{f} holds a circuit of another model's graph {tuple(c.shape)}.")
+        if tuple(c.shape) != graph.shape: raise ValueError(f"{f} holds a circuit of another graph {tuple(c.shape)}, not {graph.shape}.")
         out.append((load_json(f / "circuit.json")["step"], c, load_tensors(f / "scores.safetensors")["scores"]))
     if not out: raise FileNotFoundError(f"No circuits under {circuits_folder}: run the circuits stage for each checkpoint first.")
     return sorted(out, key=lambda t: t[0])

@@ -15,14 +15,15 @@ from rouge_score import rouge_scorer
 from transformers import PreTrainedTokenizerBase
 
 from .core import load_json, save_json
-from .data import Batch, Prompt, SummaryExample, build_prompt, collate, summary_logprob
-from .graph import check_aligned
+from .data import Batch, Prompt, SummaryExample, build_prompt, check_aligned, collate
+from .metrics import get_metric, reads_copy
 from .models import LoadedModel
 
 # %% auto #0
 __all__ = ['SALIENCE_METHODS', 'FILLER', 'CORRUPTIONS', 'rouge2_recall', 'select_salient', 'filler_token_id', 'CorruptedPair',
-           'check_pair', 'mask_sentences', 'donor_tokens', 'swap_sentences', 'make_pair', 'build_pairs', 'pair_batch',
-           'pair_batches', 'save_pairs', 'load_pairs', 'task_metric', 'pair_metrics']
+           'check_pair', 'mask_sentences', 'donor_tokens', 'swap_sentences', 'copy_positions', 'counterfactual_map',
+           'counterfactual_sentences', 'make_pair', 'build_pairs', 'pair_batch', 'pair_batches', 'save_pairs',
+           'load_pairs', 'task_metric', 'pair_metric_table', 'pair_metrics']
 
 # %% ../nbs/04_corrupt.ipynb #2cc27b67
 _ROUGE2 = rouge_scorer.RougeScorer(["rouge2"], use_stemmer=True)
@@ -70,7 +71,7 @@ class CorruptedPair:
     clean: Prompt
     corrupted: Prompt
     salient: list[int]         # indices of the corrupted sentences (among the prompt's kept sentences)
-    variant: str               # 'mask' or 'swap'
+    variant: str               # 'swap', 'mask' or 'counterfactual'
 
     @property
     def corrupted_positions(self) -> list[int]:
@@ -118,14 +119,56 @@ def swap_sentences(prompt: Prompt, salient: Sequence[int], donor: SummaryExample
         ids[start:end] = donor_tokens(donor, tokenizer, end - start, rng.randrange(len(donor.source_sentences)), filler_id)
     return replace(prompt, input_ids=ids)
 
-# %% ../nbs/04_corrupt.ipynb #df520216
-CORRUPTIONS = ("mask", "swap")
+# %% ../nbs/04_corrupt.ipynb #fbcc45f7
+def _separator_ids(prompt: Prompt) -> set[int]:
+    "Token ids of the separator (from the end of the last kept sentence to the summary)."
+    return set(prompt.input_ids[prompt.sentence_spans[-1][1]:prompt.summary_start])
 
-def make_pair(example: SummaryExample, tokenizer: PreTrainedTokenizerBase, variant: str = "mask",
+def copy_positions(prompt: Prompt, salient: Sequence[int]) -> list[int]:
+    "Summary positions (final token excluded) whose token occurs in a `salient` sentence, in no other kept sentence, not in the separator."
+    ids, spans = prompt.input_ids, prompt.sentence_spans
+    in_salient = {t for i in salient for t in ids[slice(*spans[i])]}
+    elsewhere = {t for i, span in enumerate(spans) if i not in salient for t in ids[slice(*span)]} | _separator_ids(prompt)
+    only_salient = in_salient - elsewhere
+    return [t for t in range(prompt.summary_start, len(prompt) - 1) if ids[t] in only_salient]
+
+# %% ../nbs/04_corrupt.ipynb #b386b6f6
+def counterfactual_map(prompt: Prompt, salient: Sequence[int], positions: Sequence[int],
+                       donor_ids: Sequence[int] = ()) -> dict[int, int]:
+    "A replacement token id for each token id copied at `positions`, from the document's other sentences (or `donor_ids`)."
+    ids, spans = prompt.input_ids, prompt.sentence_spans
+    copied = sorted({ids[t] for t in positions})
+    if not copied: return {}
+    taken = {t for i in salient for t in ids[slice(*spans[i])]} | _separator_ids(prompt)
+    pool = list(dict.fromkeys(t for i, span in enumerate(spans) if i not in salient for t in ids[slice(*span)] if t not in taken))
+    if not pool: pool = list(dict.fromkeys(t for t in donor_ids if t not in taken and t not in set(ids)))
+    if not pool:
+        raise ValueError(f"Document {prompt.example_id!r}: no counterfactual token: its other sentences hold no token outside "
+                         f"the salient sentences {list(salient)}, and no donor document gives one.")
+    rng = random.Random(prompt.example_id)
+    picks = rng.sample(pool, len(copied)) if len(pool) >= len(copied) else [rng.choice(pool) for _ in copied]
+    return dict(zip(copied, picks))
+
+def counterfactual_sentences(prompt: Prompt, salient: Sequence[int], replacement: dict[int, int]) -> Prompt:
+    "`prompt` with each token of the `salient` sentences that `replacement` maps replaced by its counterfactual."
+    ids = list(prompt.input_ids)
+    for i in salient:
+        start, end = prompt.sentence_spans[i]
+        ids[start:end] = [replacement.get(t, t) for t in ids[start:end]]
+    return replace(prompt, input_ids=ids)
+
+# %% ../nbs/04_corrupt.ipynb #df520216
+CORRUPTIONS = ("swap", "mask", "counterfactual")
+
+def _tokens(example: SummaryExample, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    "Token ids of `example`'s sentences, tokenized as prompts tokenize them."
+    return [t for s in example.source_sentences for t in tokenizer(" " + s, add_special_tokens=False)["input_ids"]]
+
+def make_pair(example: SummaryExample, tokenizer: PreTrainedTokenizerBase, variant: str = "swap",
               salience: str = "auto", k: int = 2, threshold: float = 0.1, donor: SummaryExample | None = None,
               max_source_tokens: int = 512, max_length: int | None = None, filler: str = FILLER,
               rng: random.Random | None = None) -> CorruptedPair:
-    "A checked clean/corrupted pair of `example`: salient sentences masked with `filler` or swapped with `donor`'s."
+    "A checked clean/corrupted pair of `example`: salient sentences swapped with `donor`'s, masked with `filler`, or counterfactual."
     if variant not in CORRUPTIONS: raise ValueError(f"Unknown corruption {variant!r}: use one of {CORRUPTIONS}.")
     if variant == "swap" and (donor is None or donor.id == example.id):
         raise ValueError(f"Swap corruption of {example.id!r} needs a donor document other than itself.")
@@ -135,24 +178,41 @@ def make_pair(example: SummaryExample, tokenizer: PreTrainedTokenizerBase, varia
     if not salient:
         raise ValueError(f"Document {example.id!r} has no salient sentence among its {clean.n_sentences} kept sentences "
                          f"(salience {salience!r}); it cannot be corrupted.")
+    positions = copy_positions(clean, salient)
+    if variant == "counterfactual" and not positions:
+        raise ValueError(f"Document {example.id!r} has no copy position: no summary token occurs only in its salient "
+                         f"sentences {salient}, so the counterfactual corruption has nothing to replace; use 'swap' or 'mask'.")
+    donor_ids = _tokens(donor, tokenizer) if donor is not None and donor.id != example.id else ()
+    try: rep = counterfactual_map(clean, salient, positions, donor_ids)
+    except ValueError:
+        if variant == "counterfactual": raise
+        rep = None                                            # mask and swap pairs then carry no counterfactual tokens
+    clean = replace(clean, salient=list(salient), copy_positions=positions,
+                    counter_ids=None if rep is None else [rep[clean.input_ids[t]] for t in positions])
     corrupted = (mask_sentences(clean, salient, filler_id) if variant == "mask" else
+                 counterfactual_sentences(clean, salient, rep) if variant == "counterfactual" else
                  swap_sentences(clean, salient, donor, tokenizer, filler_id, rng or random.Random(0)))
     check_pair(clean, corrupted, salient)
     return CorruptedPair(clean, corrupted, salient, variant)
 
-def build_pairs(examples: Sequence[SummaryExample], tokenizer: PreTrainedTokenizerBase, variant: str = "mask",
+# %% ../nbs/04_corrupt.ipynb #228e7e70
+_SKIP_REASONS = ("no salient sentence", "no copy position", "no counterfactual token")
+
+def build_pairs(examples: Sequence[SummaryExample], tokenizer: PreTrainedTokenizerBase, variant: str = "swap",
                 salience: str = "auto", k: int = 2, threshold: float = 0.1, max_source_tokens: int = 512,
                 max_length: int | None = None, filler: str = FILLER, seed: int = 0, progress: bool = True) -> list[CorruptedPair]:
-    "Clean/corrupted pairs of `examples` (documents without a salient sentence are left out, with a message)."
+    "Clean/corrupted pairs of `examples` (documents that cannot be corrupted are left out, with a message)."
     if variant == "swap" and len(examples) < 2: raise ValueError("Swap corruption needs at least two documents (donors).")
-    rng, pairs, skipped = random.Random(seed), [], []
+    rng, pairs, skipped = random.Random(seed), [], {r: [] for r in _SKIP_REASONS}
     for i, ex in enumerate(tqdm(examples, desc=f"pairs ({variant})", disable=not progress)):
-        donor = examples[(i + 1) % len(examples)] if variant == "swap" else None
+        donor = examples[(i + 1) % len(examples)] if variant != "mask" and len(examples) > 1 else None
         try: pairs.append(make_pair(ex, tokenizer, variant, salience, k, threshold, donor, max_source_tokens, max_length, filler, rng))
         except ValueError as e:
-            if "no salient sentence" not in str(e): raise
-            skipped.append(ex.id)
-    if skipped: print(f"build_pairs: left out {len(skipped)} of {len(examples)} documents without a salient sentence: {skipped[:5]}")
+            reason = next((r for r in _SKIP_REASONS if r in str(e)), None)
+            if reason is None: raise
+            skipped[reason].append(ex.id)
+    for reason, ids in skipped.items():
+        if ids: print(f"build_pairs ({variant}): left out {len(ids)} of {len(examples)} documents with {reason}: {ids[:5]}")
     return pairs
 
 # %% ../nbs/04_corrupt.ipynb #5d5000ba
@@ -184,24 +244,57 @@ def save_pairs(path: str | Path, pairs: Sequence[CorruptedPair]) -> Path:
     "Write `pairs` as JSON, atomically."
     return save_json(path, list(pairs))
 
+def _prompt_from_json(d: dict) -> Prompt:
+    return Prompt(d["example_id"], d["input_ids"], [tuple(s) for s in d["sentence_spans"]], d["summary_start"],
+                  d.get("salient"), d.get("copy_positions"), d.get("counter_ids"))
+
 def load_pairs(path: str | Path) -> list[CorruptedPair]:
     "Read pairs written by `save_pairs` (each pair is checked again)."
-    def prompt(d): return Prompt(d["example_id"], d["input_ids"], [tuple(s) for s in d["sentence_spans"]], d["summary_start"], d["salient"])
-    pairs = [CorruptedPair(prompt(d["clean"]), prompt(d["corrupted"]), d["salient"], d["variant"]) for d in load_json(path)]
+    pairs = [CorruptedPair(_prompt_from_json(d["clean"]), _prompt_from_json(d["corrupted"]), d["salient"], d["variant"])
+             for d in load_json(path)]
     for p in pairs: check_pair(p.clean, p.corrupted, p.salient)
     return pairs
 
 # %% ../nbs/04_corrupt.ipynb #8c52bcd2
 @torch.no_grad()
-def task_metric(lm: LoadedModel, batch: Batch) -> torch.Tensor:
-    "The task metric per example `[batch]`: mean log-probability of the summary tokens, teacher forced."
+def task_metric(lm: LoadedModel, batch: Batch, metric: str = "summary_logprob", clean_logits: torch.Tensor | None = None) -> torch.Tensor:
+    "A metric of `summcircuit.metrics` (default: the task metric) per example `[batch]` on `lm`'s run of `batch`."
     batch = batch.to(lm.device)
-    return summary_logprob(lm.hf(batch.input_ids, attention_mask=batch.attention_mask).logits, batch).cpu()
+    logits = lm.hf(batch.input_ids, attention_mask=batch.attention_mask).logits
+    return get_metric(metric)(logits, batch, clean_logits).cpu()
+
+def _rows(batch: Batch, rows: list[int]) -> Batch:
+    "The examples `rows` of `batch`."
+    pick = lambda t: None if t is None else t[rows]
+    return Batch(batch.input_ids[rows], batch.attention_mask[rows], batch.target_mask[rows], [batch.ids[i] for i in rows],
+                 pick(batch.roles), pick(batch.copy_mask), pick(batch.counter_ids))
+
+# %% ../nbs/04_corrupt.ipynb #5ad800ac
+@torch.no_grad()
+def pair_metric_table(lm: LoadedModel, pairs: Sequence[CorruptedPair], metrics: Sequence[str] = ("summary_logprob",),
+                      batch_size: int = 4, progress: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    "Each of `metrics` on the clean and the corrupted prompts of `pairs` (`[n_pairs]` each); copy metrics NaN without copy positions."
+    out = {m: ([], []) for m in metrics}
+    for c, k in tqdm(pair_batches(pairs, lm.tokenizer.pad_token_id, batch_size), desc="metrics", disable=not progress):
+        c, k = c.to(lm.device), k.to(lm.device)
+        lc = lm.hf(c.input_ids, attention_mask=c.attention_mask).logits
+        lk = lm.hf(k.input_ids, attention_mask=k.attention_mask).logits
+        has_copy = c.copy_mask[:, 1:].any(-1).nonzero().flatten().tolist()
+        for m in metrics:
+            f = get_metric(m)
+            for side, (logits, batch) in enumerate(((lc, c), (lk, k))):
+                if not reads_copy(m): value = f(logits, batch, lc).cpu()
+                else:
+                    value = torch.full((len(batch),), float("nan"))
+                    if has_copy: value[has_copy] = f(logits[has_copy], _rows(batch, has_copy), lc[has_copy]).cpu()
+                out[m][side].append(value)
+    return {m: (torch.cat(cl), torch.cat(co)) for m, (cl, co) in out.items()}
 
 def pair_metrics(lm: LoadedModel, pairs: Sequence[CorruptedPair], batch_size: int = 4,
-                 progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    "Task metric on the clean and on the corrupted prompts of `pairs`, `[n_pairs]` each."
-    clean, corr = [], []
-    for c, k in tqdm(pair_batches(pairs, lm.tokenizer.pad_token_id, batch_size), desc="task metric", disable=not progress):
-        clean.append(task_metric(lm, c)); corr.append(task_metric(lm, k))
-    return torch.cat(clean), torch.cat(corr)
+                 progress: bool = True, metric: str = "summary_logprob") -> tuple[torch.Tensor, torch.Tensor]:
+    "`metric` (default: the task metric) on the clean and on the corrupted prompts of `pairs`, `[n_pairs]` each."
+    if reads_copy(metric):
+        if missing := [p.clean.example_id for p in pairs if not p.clean.copy_positions]:
+            raise ValueError(f"Metric {metric!r} reads copy positions, but pairs {missing[:5]} have none: use the "
+                             "'counterfactual' corruption (it keeps only documents with copy positions) or another metric.")
+    return pair_metric_table(lm, pairs, [metric], batch_size, progress)[metric]

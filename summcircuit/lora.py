@@ -411,7 +411,8 @@ def circuit_selection_of_run(run_folder: str | Path, k: int = 3, mode: str = "la
                                 f"(nbs/08_circuits.ipynb) for this run first, or pass the circuit yourself (-p circuit ...).")
     circuit = load_json(folders[-1])
     if mode == "heads":
-        return [(int(m[1]), int(m[2])) for n in circuit["nodes"] if (m := re.fullmatch(r"a(\d+)\.h(\d+)", n))]
+        heads = [(int(m[1]), int(m[2])) for n in circuit["nodes"] if (m := re.fullmatch(r"a(\d+)\.h(\d+)(?: @\S+)?", n))]
+        return sorted(set(heads))                                   # a positional circuit names a head once per span
     if mode != "layers": raise ValueError(f"mode={mode!r}: use 'layers' or 'heads'.")
     profile = np.asarray(circuit["layer_profile"][1:])            # entry 0 is the input embedding
     return sorted(np.argsort(-profile, kind="stable")[:k].tolist())

@@ -37,12 +37,12 @@ def reference_dest_grads(lm, batch, gim=None):
     return torch.stack([leaves[k].grad for k in _dest_keys(lm.spec)])
 
 
-def reference_eap(lm, clean, corr):
-    "EAP from the reference: Δz (reference node outputs) · reference gradients at the corrupted run, per edge."
+def reference_eap(lm, clean, corr, at="clean"):
+    "EAP from the reference: Δz (reference node outputs) · reference gradients at the clean (or corrupted) run, per edge."
     with torch.no_grad():
         zc = reference_forward(lm.hf, clean.input_ids, clean.attention_mask)["node_outputs"]
         zr = reference_forward(lm.hf, corr.input_ids, corr.attention_mask)["node_outputs"]
-    grads = reference_dest_grads(lm, corr)
+    grads = reference_dest_grads(lm, clean if at == "clean" else corr)
     srcs, dsts = _src_keys(lm.spec), _dest_keys(lm.spec)
     scores = torch.zeros(len(srcs), len(dsts))
     mask = clean.attention_mask[..., None].float()
@@ -62,12 +62,17 @@ def test_destination_gradients_match_autograd(lm):
 
 
 def test_eap_matches_reference(lm):
+    "EAP takes its gradient at the clean run (Syed et al.; the reference implementation); 'eap-corrupted' at the corrupted."
     clean = padded_batch(lm)
     corr = corrupted_copy(clean, 0, 30)
     ours = attribute(lm, [(clean, corr)], "eap", progress=False)
     ref = reference_eap(lm, clean, corr)
     torch.testing.assert_close(ours.scores, ref, atol=1e-5, rtol=1e-4)
     assert ref.abs().max() > 1e-3
+    at_corr = attribute(lm, [(clean, corr)], "eap-corrupted", progress=False)
+    ref_corr = reference_eap(lm, clean, corr, at="corrupted")
+    torch.testing.assert_close(at_corr.scores, ref_corr, atol=1e-5, rtol=1e-4)
+    assert (ref - ref_corr).abs().max() > 1e-3          # the two linearizations differ
 
 
 def test_eap_ig_completeness_error_shrinks_with_steps(ref_lm):
