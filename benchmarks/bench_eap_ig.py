@@ -27,7 +27,7 @@ from common import timed, write_result
 def pair_of_length(lm, tokens: int):
     "A clean/corrupted ACLSum pair whose source fills `tokens` tokens (whole sentences)."
     for ex in load_aclsum("train"):
-        p = make_pair(ex, lm.tokenizer, max_source_tokens=tokens, max_length=lm.spec.n_ctx)
+        p = make_pair(ex, lm.tokenizer, "mask", max_source_tokens=tokens, max_length=lm.spec.n_ctx)
         if p.clean.summary_start >= 0.9 * tokens: return p
     raise RuntimeError(f"no ACLSum document fills {tokens} source tokens")
 

@@ -206,6 +206,7 @@ class FaithfulnessCurve:
     n_edges: list[int]                      # nominal sizes asked of the selection
     faithfulness: list[float]
     n_counted: list[int] = field(default_factory=list)       # sizes after pruning
+    n_counted_ungrouped: list[int] = field(default_factory=list)  # the same, counted as MIB's ungrouped-k/v graph would
     ci_low: list[float] = field(default_factory=list)
     ci_high: list[float] = field(default_factory=list)
     per_pair: list[list[float]] = field(default_factory=list)   # patched metric of each pair at each size
@@ -240,6 +241,7 @@ def faithfulness_curve(lm: LoadedModel, att: Attribution, pairs: Sequence, fract
         per_pair = circuit_metrics(lm, batches, circuit, graph, metric)
         curve.faithfulness.append(faithfulness(float(np.mean(per_pair)), base))
         curve.n_counted.append(int(circuit.sum())); curve.per_pair.append(per_pair)
+        curve.n_counted_ungrouped.append(graph.count_edges(circuit, ungroup_kv=True))
         lo, hi = faithfulness_interval(per_pair, base, seed=seed)
         curve.ci_low.append(lo); curve.ci_high.append(hi)
         if n_random:

@@ -119,7 +119,7 @@ def swap_sentences(prompt: Prompt, salient: Sequence[int], donor: SummaryExample
         ids[start:end] = donor_tokens(donor, tokenizer, end - start, rng.randrange(len(donor.source_sentences)), filler_id)
     return replace(prompt, input_ids=ids)
 
-# %% ../nbs/04_corrupt.ipynb #fbcc45f7
+# %% ../nbs/04_corrupt.ipynb #deeaa84c
 def _separator_ids(prompt: Prompt) -> set[int]:
     "Token ids of the separator (from the end of the last kept sentence to the summary)."
     return set(prompt.input_ids[prompt.sentence_spans[-1][1]:prompt.summary_start])
@@ -132,19 +132,19 @@ def copy_positions(prompt: Prompt, salient: Sequence[int]) -> list[int]:
     only_salient = in_salient - elsewhere
     return [t for t in range(prompt.summary_start, len(prompt) - 1) if ids[t] in only_salient]
 
-# %% ../nbs/04_corrupt.ipynb #b386b6f6
+# %% ../nbs/04_corrupt.ipynb #b428a03d
 def counterfactual_map(prompt: Prompt, salient: Sequence[int], positions: Sequence[int],
-                       donor_ids: Sequence[int] = ()) -> dict[int, int]:
-    "A replacement token id for each token id copied at `positions`, from the document's other sentences (or `donor_ids`)."
+                       fallback_ids: Sequence[int] = ()) -> dict[int, int]:
+    "A replacement token id for each token id copied at `positions`, from the document's other sentences (else `fallback_ids`)."
     ids, spans = prompt.input_ids, prompt.sentence_spans
     copied = sorted({ids[t] for t in positions})
     if not copied: return {}
     taken = {t for i in salient for t in ids[slice(*spans[i])]} | _separator_ids(prompt)
     pool = list(dict.fromkeys(t for i, span in enumerate(spans) if i not in salient for t in ids[slice(*span)] if t not in taken))
-    if not pool: pool = list(dict.fromkeys(t for t in donor_ids if t not in taken and t not in set(ids)))
+    if not pool: pool = list(dict.fromkeys(t for t in fallback_ids if t not in taken and t not in set(ids)))
     if not pool:
         raise ValueError(f"Document {prompt.example_id!r}: no counterfactual token: its other sentences hold no token outside "
-                         f"the salient sentences {list(salient)}, and no donor document gives one.")
+                         f"the salient sentences {list(salient)}, and no fallback token (donor document, filler) is new to it.")
     rng = random.Random(prompt.example_id)
     picks = rng.sample(pool, len(copied)) if len(pool) >= len(copied) else [rng.choice(pool) for _ in copied]
     return dict(zip(copied, picks))
@@ -182,9 +182,9 @@ def make_pair(example: SummaryExample, tokenizer: PreTrainedTokenizerBase, varia
     if variant == "counterfactual" and not positions:
         raise ValueError(f"Document {example.id!r} has no copy position: no summary token occurs only in its salient "
                          f"sentences {salient}, so the counterfactual corruption has nothing to replace; use 'swap' or 'mask'.")
-    donor_ids = _tokens(donor, tokenizer) if donor is not None and donor.id != example.id else ()
-    try: rep = counterfactual_map(clean, salient, positions, donor_ids)
-    except ValueError:
+    fallback = (_tokens(donor, tokenizer) if donor is not None and donor.id != example.id else []) + [filler_id]
+    try: rep = counterfactual_map(clean, salient, positions, fallback)
+    except ValueError:                                        # (only if the filler is in the document too)
         if variant == "counterfactual": raise
         rep = None                                            # mask and swap pairs then carry no counterfactual tokens
     clean = replace(clean, salient=list(salient), copy_positions=positions,
@@ -195,7 +195,7 @@ def make_pair(example: SummaryExample, tokenizer: PreTrainedTokenizerBase, varia
     check_pair(clean, corrupted, salient)
     return CorruptedPair(clean, corrupted, salient, variant)
 
-# %% ../nbs/04_corrupt.ipynb #228e7e70
+# %% ../nbs/04_corrupt.ipynb #933a4f70
 _SKIP_REASONS = ("no salient sentence", "no copy position", "no counterfactual token")
 
 def build_pairs(examples: Sequence[SummaryExample], tokenizer: PreTrainedTokenizerBase, variant: str = "swap",
@@ -269,7 +269,7 @@ def _rows(batch: Batch, rows: list[int]) -> Batch:
     return Batch(batch.input_ids[rows], batch.attention_mask[rows], batch.target_mask[rows], [batch.ids[i] for i in rows],
                  pick(batch.roles), pick(batch.copy_mask), pick(batch.counter_ids))
 
-# %% ../nbs/04_corrupt.ipynb #5ad800ac
+# %% ../nbs/04_corrupt.ipynb #42896984
 @torch.no_grad()
 def pair_metric_table(lm: LoadedModel, pairs: Sequence[CorruptedPair], metrics: Sequence[str] = ("summary_logprob",),
                       batch_size: int = 4, progress: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

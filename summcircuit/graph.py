@@ -146,6 +146,14 @@ class Graph:
         for l in range(self.spec.n_layers): kv[self.k_destination(l, 0):self.mlp_destination(l)] = True
         return kv
     @cached_property
+    def edge_multiplicity(self) -> torch.Tensor:
+        "Edges of the ungrouped graph each edge into a destination stands for `[n_destinations]`: k/v inputs count once per query head of their group, as the reference implementation and MIB count them."
+        return torch.where(self.kv_destinations, self.spec.group_size, 1)
+    def count_edges(self, mask: torch.Tensor, ungroup_kv: bool = False) -> int:
+        "Edges in boolean `mask`; with `ungroup_kv`, as many as the ungrouped (MIB) graph would have."
+        m = self.stacked(mask)
+        return int(m.sum()) if not ungroup_kv else int((m.sum((0, 1)) * self.edge_multiplicity.to(m.device)).sum())
+    @cached_property
     def owners(self) -> torch.Tensor:
         "Boolean `[n_destinations, n_sources]`: True where the source node reads that destination."
         s = self.spec

@@ -165,7 +165,7 @@ STAGES: tuple[Stage, ...] = (
           checkpoints="between", checkpoint_param="checkpoint_b", own_run=True),
     Stage("circuits", "08_circuits.ipynb", "Circuits per checkpoint", after=("finetune", "corrupt"),
           checkpoints="each", checkpoint_param="checkpoint", step_param="step",
-          last={"evolution": True, "check_robustness": True}),
+          last={"evolution": True, "check_robustness": True, "compare_setups": True}),
     Stage("peft", "09_peft.ipynb", "PEFT bake-off", after=("finetune", "diff", "circuits")),
 )
 

@@ -5,7 +5,6 @@ import functools
 import inspect
 import json
 from dataclasses import replace
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -292,12 +291,14 @@ def test_counterfactual_without_copy_position_or_replacement():
         make_pair(no_copy, tok, "counterfactual")
     assert "no salient sentence" not in str(e.value) and "'swap' or 'mask'" in str(e.value)
     assert make_pair(no_copy, tok, "mask").clean.copy_positions == []           # other variants still pair it
-    lone = SummaryExample("l", ["Ada won."], "Ada won.")
-    with pytest.raises(ValueError, match="no counterfactual token"):
-        make_pair(lone, tok, "counterfactual")
+    lone = SummaryExample("l", ["Ada won."], "Ada won.")                       # no other sentence to draw from
+    assert set(make_pair(lone, tok, "counterfactual").clean.counter_ids) == {ord("_")}   # last resort: the filler
     donor = SummaryExample("d", ["Zed quit."], "x")
-    pr = make_pair(lone, tok, "counterfactual", donor=donor)                   # the donor's tokens fill in
-    assert set(pr.clean.counter_ids) <= set(b"Zequit") and pr.clean.counter_ids
+    pr = make_pair(lone, tok, "counterfactual", donor=donor)                   # the donor's tokens come first
+    assert set(pr.clean.counter_ids) <= set(b"Zequit_") and set(pr.clean.counter_ids) & set(b"Zequit")
+    with pytest.raises(ValueError, match="no counterfactual token"):           # the filler is in the document too
+        make_pair(SummaryExample("f", ["Ada_won."], "Ada_won."), tok, "counterfactual")
+    assert make_pair(SummaryExample("f", ["Ada_won."], "Ada_won."), tok, "mask").clean.counter_ids is None
     ok = synthetic_examples(2, 3, seed=1)
     assert [p.clean.example_id for p in build_pairs([no_copy] + ok, tok, "counterfactual", progress=False)] == [e.id for e in ok]
 
