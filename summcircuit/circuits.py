@@ -26,8 +26,8 @@ from .models import LoadedModel
 __all__ = ['FRACTIONS', 'read_by', 'readers', 'prune', 'top_n_mask', 'top_n_circuit', 'greedy_circuit', 'Baselines', 'PatchBatch',
            'patch_batches', 'as_patch_batches', 'circuit_metrics', 'circuit_metric', 'baselines', 'faithfulness',
            'faithfulness_interval', 'area', 'random_circuit', 'FaithfulnessCurve', 'faithfulness_curve', 'jaccard',
-           'split_halves', 'robustness', 'edge_effects', 'exact_agreement', 'estimated_faithfulness', 'circuit_nodes',
-           'compare_circuits', 'layer_profile', 'plot_circuit', 'plot_faithfulness', 'plot_layer_mass', 'save_circuit',
+           'split_halves', 'robustness', 'edge_effects', 'exact_agreement', 'circuit_nodes', 'compare_circuits',
+           'layer_profile', 'plot_circuit', 'plot_faithfulness', 'plot_layer_mass', 'save_circuit',
            'load_circuit_snapshots', 'evolution_table', 'plot_evolution']
 
 # %% ../nbs/08_circuits.ipynb #c4f87c2b
@@ -64,17 +64,21 @@ def _check_scores(scores: torch.Tensor) -> None:
         raise ValueError(f"{int(torch.isnan(scores).sum())} edge scores are NaN: the attribution failed (NaN weights or "
                          "an empty target?); recompute it before selecting a circuit.")
 
-def top_n_mask(scores: torch.Tensor, graph: Graph, n: int, absolute: bool = True) -> torch.Tensor:
-    "The `n` edges with the largest |score| (or score, `absolute=False`), unpruned; NaN scores are refused."
+def top_n_mask(scores: torch.Tensor, graph: Graph, n: int, absolute: bool = True,
+               among: torch.Tensor | None = None) -> torch.Tensor:
+    "The `n` edges (of those in `among`, default all) with the largest |score| (or score), unpruned; NaN is refused."
     _check_scores(scores)
-    key = (scores.abs() if absolute else scores).masked_fill(~graph.edges.to(scores.device), -math.inf)
+    allowed = graph.edges.to(scores.device) & (True if among is None else among.to(scores.device))
+    key = (scores.abs() if absolute else scores).masked_fill(~allowed, -math.inf)
     mask = torch.zeros(key.numel(), dtype=torch.bool, device=scores.device)
-    mask[key.flatten().topk(max(0, min(n, graph.n_edges))).indices] = True
+    mask[key.flatten().topk(max(0, min(n, int(allowed.sum())))).indices] = True
     return mask.view(key.shape)
 
-def top_n_circuit(scores: torch.Tensor, graph: Graph, n: int, absolute: bool = True) -> torch.Tensor:
-    "The `n` edges with the largest |score| (or score, `absolute=False`), pruned."
-    return prune(top_n_mask(scores, graph, n, absolute), graph)
+def top_n_circuit(scores: torch.Tensor, graph: Graph, n: int, absolute: bool = True,
+                  keep: torch.Tensor | None = None) -> torch.Tensor:
+    "The `n` edges with the largest |score| (or score, `absolute=False`), pruned; edges in `keep` are always in."
+    if keep is None: return prune(top_n_mask(scores, graph, n, absolute), graph)
+    return prune(top_n_mask(scores, graph, n, absolute, among=~keep) | keep.to(scores.device), graph)
 
 def greedy_circuit(scores: torch.Tensor, graph: Graph, n: int, absolute: bool = True) -> torch.Tensor:
     "Grow `n` edges backwards from the logits, each into a destination read by a node already in the circuit; prune."
@@ -225,31 +229,43 @@ class FaithfulnessCurve:
 
 def faithfulness_curve(lm: LoadedModel, att: Attribution, pairs: Sequence, fractions: Sequence[float] = FRACTIONS,
                        absolute: bool = True, selection: str = "top-n", n_random: int = 0, batch_size: int = 4,
-                       seed: int = 0, progress: bool = True, metric: str | Callable | None = None) -> FaithfulnessCurve:
+                       seed: int = 0, progress: bool = True, metric: str | Callable | None = None,
+                       keep: torch.Tensor | None = None) -> FaithfulnessCurve:
     """Faithfulness at each share of edges (MIB's sizes by default), with bootstrap intervals over `pairs` (or ready
-    `PatchBatch`es), and of `n_random` random circuits of the same counted size. `metric` defaults to `att.metric`."""
+    `PatchBatch`es), and of `n_random` random circuits of the same counted size. `metric` defaults to `att.metric`.
+    Edges in `keep` (e.g. `span_edges(graph, source spans)`: the source stays clean) are in every circuit, the
+    empty one too, and are not counted: sizes and shares are of the other edges."""
     graph, metric = att.graph, metric or att.metric
+    if keep is not None and selection != "top-n": raise ValueError("keep= works with top-n selection only.")
+    keep = None if keep is None else keep.to(att.scores.device) & graph.edges.to(att.scores.device)
+    free = graph.edges if keep is None else graph.edges & ~keep
+    n_free = graph.count_edges(free)
     batches = as_patch_batches(lm, pairs, batch_size, metric)
     base = baselines(lm, batches, graph, metric)
-    select = {"top-n": top_n_circuit, "greedy": greedy_circuit}[selection]
+    if keep is not None:                       # the empty circuit keeps `keep`
+        empty = circuit_metrics(lm, batches, prune(keep, graph), graph, metric)
+        base = Baselines(base.full, float(np.mean(empty)), base.full_per_pair, empty)
+    select = {"top-n": lambda s, g, n, a: top_n_circuit(s, g, n, a, keep), "greedy": greedy_circuit}[selection]
+    count = lambda c: graph.count_edges(c if keep is None else c & ~keep)
     rng = random.Random(seed)
-    sizes = [max(1, int(f * graph.n_edges)) for f in fractions]
-    curve = FaithfulnessCurve(list(fractions), sizes, [], n_total=graph.n_edges)
+    sizes = [max(1, int(f * n_free)) for f in fractions]
+    curve = FaithfulnessCurve(list(fractions), sizes, [], n_total=n_free)
     rmean, rstd, rcount, rsurv = [], [], [], []
     for n in tqdm(sizes, desc=f"faithfulness ({selection}, {'|score|' if absolute else 'score'})", disable=not progress):
         circuit = select(att.scores, graph, n, absolute)
         per_pair = circuit_metrics(lm, batches, circuit, graph, metric)
         curve.faithfulness.append(faithfulness(float(np.mean(per_pair)), base))
-        curve.n_counted.append(int(circuit.sum())); curve.per_pair.append(per_pair)
-        curve.n_counted_ungrouped.append(graph.count_edges(circuit, ungroup_kv=True))
+        curve.n_counted.append(count(circuit)); curve.per_pair.append(per_pair)
+        curve.n_counted_ungrouped.append(graph.count_edges(circuit if keep is None else circuit & ~keep, ungroup_kv=True))
         lo, hi = faithfulness_interval(per_pair, base, seed=seed)
         curve.ci_low.append(lo); curve.ci_high.append(hi)
         if n_random:
-            rand = [random_circuit(graph, int(circuit.sum()) or 1, rng) for _ in range(n_random)]
+            rand = [random_circuit(graph, count(circuit) or 1, rng) for _ in range(n_random)]
+            if keep is not None: rand = [prune((c & ~keep) | keep, graph) for c in rand]
             r = [faithfulness(circuit_metric(lm, batches, c, graph, metric), base) for c in rand]
             rmean.append(float(np.mean(r))); rstd.append(float(np.std(r)))
-            rcount.append(float(np.mean([int(prune(c, graph).sum()) for c in rand])))
-            rsurv.append(float(np.mean([int(prune(c, graph).sum()) / max(1, int(c.sum())) for c in rand])))
+            rcount.append(float(np.mean([count(prune(c, graph)) for c in rand])))
+            rsurv.append(float(np.mean([count(prune(c, graph)) / max(1, count(c)) for c in rand])))
     if n_random: curve.random_mean, curve.random_std, curve.random_counted, curve.random_survival = rmean, rstd, rcount, rsurv
     return curve
 
@@ -306,10 +322,6 @@ def exact_agreement(lm: LoadedModel, att: Attribution, pairs: Sequence, n: int =
     return {"n_edges": len(edges), "spearman": float(stats.spearmanr(est, true).statistic),
             "sign_agreement": float(np.mean([(a > 0) == (b > 0) for a, b in zip(est, true)])),
             "estimated": est, "exact": true}
-
-def estimated_faithfulness(att: Attribution, circuit: torch.Tensor) -> float:
-    "The linear estimate of f(C): the circuit's summed scores over the clean − corrupted gap."
-    return float((att.scores * circuit).sum()) / (att.metric_clean - att.metric_corrupted)
 
 # %% ../nbs/08_circuits.ipynb #3f6faedb
 def circuit_nodes(circuit: torch.Tensor, graph: Graph) -> torch.Tensor:

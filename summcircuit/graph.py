@@ -86,6 +86,13 @@ class Graph:
             if batch.roles is None: raise ValueError("This batch has no roles: build it with summcircuit.data.collate.")
             ids = batch.roles
         return ids.masked_fill(pad, -1)
+    def span_edges(self, names) -> torch.Tensor:
+        "Boolean edge tensor of `shape`: every edge at the spans named in `names` (e.g. the source spans)."
+        if not self.positional: raise ValueError("A span-free graph has no spans to choose: build it with a span schema.")
+        unknown = set(names) - set(self.spans)
+        if unknown: raise ValueError(f"Unknown spans {sorted(unknown)}: this graph's spans are {self.spans}.")
+        at = torch.tensor([s in names for s in self.spans])
+        return self.edges & at[:, None, None]
     def stacked(self, x: torch.Tensor) -> torch.Tensor:
         "An edge tensor of this graph as `[n_spans, n_sources, n_destinations]` (a view)."
         if tuple(x.shape) != self.shape:
