@@ -106,7 +106,7 @@ def main():
     parts = {"node_outputs x2": timed(lambda: (node_outputs(lm, clean), node_outputs(lm, corr))),
              f"destination_gradients x{m}": timed(lambda: [destination_gradients(lm, clean, graph=g) for _ in range(m)])}
     z = node_outputs(lm, clean); gr = destination_gradients(lm, clean, graph=g)[0]
-    parts["edge_scores"] = timed(lambda: edge_scores(g, z, gr)); del z, gr
+    parts["edge_scores"] = timed(lambda: edge_scores(g, z, gr))
     result |= {"repeats": rows,
               "ratio_vs_floor_weights": {"min": min(ratios["floor_weights"]), "median": statistics.median(ratios["floor_weights"])},
               "ratio_vs_floor_activations": {"min": min(ratios["floor_activations"]), "median": statistics.median(ratios["floor_activations"])},

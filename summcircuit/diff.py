@@ -5,7 +5,7 @@
 # %% ../nbs/05_diff.ipynb #44967890
 from __future__ import annotations
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from scipy import stats
 from tqdm.auto import tqdm
 
-from .core import atomic_path, load_json, load_tensors, save_json, save_tensors
+from .core import atomic_path, load_tensors, save_tensors
 from .data import Batch, Prompt, collate, summary_logprob
 from .models import LoadedModel
 
@@ -243,7 +243,7 @@ def differential_analysis(lm_a: LoadedModel, lm_b: LoadedModel, prompts: Sequenc
         sums["sum_a"] = sums["sum_a"] + ra["neuron_sum"]; sums["sumsq_a"] = sums["sumsq_a"] + ra["neuron_sumsq"]
         sums["sum_b"] = sums["sum_b"] + rb["neuron_sum"]
         n_tokens += int(batch.attention_mask.sum())
-        del ra, rb, pa, pb
+        del ra, rb; pa = pb = None            # free the patterns before the next batch
     mean_a, mean_b = sums["sum_a"] / n_tokens, sums["sum_b"] / n_tokens
     std_a = (sums["sumsq_a"] / n_tokens - mean_a ** 2).clamp_min(0).sqrt()
     return DiffResult([p.example_id for p in prompts], *(torch.cat(v) for v in stats_.values()),

@@ -5,7 +5,7 @@
 # %% ../nbs/09_peft.ipynb #703d5e4d
 from __future__ import annotations
 import gc, random, time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_models.ipynb #256b65d0
 from __future__ import annotations
-import importlib.util, os, shutil, time
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 from nnsight import NNsight
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig,
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig,
                           PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast)
 
 from .core import atomic_path, cache_dir, hub_offline, hub_reachable, resolve_device

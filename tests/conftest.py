@@ -2,7 +2,6 @@
 import os, sys
 
 import pytest
-import torch
 from nnsight import NNsight
 
 sys.path.insert(0, os.path.dirname(__file__))

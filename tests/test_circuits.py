@@ -1,12 +1,11 @@
 """Circuit selection, pruning, faithfulness and evolution against independent computations."""
-import random
 
 import pytest
 import torch
 from transformers import LlamaConfig
 
 from conftest import corrupted_copy, padded_batch
-from reference_forward import reference_forward, upstream_sources
+from reference_forward import reference_forward
 from summcircuit.circuits import (Baselines, area, baselines, circuit_metric, compare_circuits, faithfulness,
                                   greedy_circuit, patch_batches, prune, top_n_circuit)
 from summcircuit.data import summary_logprob

@@ -1,7 +1,6 @@
 """Differential analysis and its causal check against direct computations: every statistic from the plain HF
 model's `output_attentions` / `output_hidden_states` (plus torch hooks for MLP activations), example by example
 without padding; ablations against torch forward hooks; the bootstrap against a plain numpy bootstrap."""
-import random
 
 import numpy as np
 import pytest
@@ -9,7 +8,7 @@ import torch
 
 from test_corrupt import copy_trained
 from summcircuit.corrupt import build_pairs, pair_batches
-from summcircuit.data import build_prompt, collate, summary_logprob, synthetic_examples
+from summcircuit.data import build_prompt, summary_logprob, synthetic_examples
 from summcircuit.diff import (DiffResult, bootstrap_share_below_zero, causal_check, check_comparable,
                               differential_analysis, head_mask_of, layer_mask, mean_head_outputs, random_draws,
                               run_with_head_outputs)
