@@ -9,7 +9,7 @@ RUNS ?= runs/$(CONFIG)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export HF_HUB_DISABLE_TELEMETRY = 1
 
-.PHONY: install run smoke report test test-fast export-check chromium clean
+.PHONY: install run smoke report test test-fast export-check lint chromium clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: setup.py settings.ini
@@ -40,10 +40,14 @@ export-check: install
 	. $(BIN)/activate && nbdev_export && git diff --exit-code --stat -- summcircuit \
 	  || (echo "nbdev_export changed summcircuit/: export from the notebooks and commit both" && exit 1)
 
-test: export-check chromium
+# Unused imports, undefined names and the like (pyflakes rules) stay out of the library, tests and benchmarks.
+lint: install
+	$(BIN)/ruff check --select F summcircuit tests benchmarks
+
+test: export-check lint chromium
 	. $(BIN)/activate && HF_HUB_OFFLINE=1 nbdev_test --n_workers 2 --flags slow && HF_HUB_OFFLINE=1 pytest -q
 
-test-fast: install
+test-fast: lint
 	. $(BIN)/activate && HF_HUB_OFFLINE=1 nbdev_test --n_workers 2 && HF_HUB_OFFLINE=1 pytest -q -m "not slow"
 
 clean:

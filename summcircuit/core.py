@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['resolve_device', 'seed_everything', 'cache_dir', 'run_dir', 'atomic_path', 'atomic_write', 'save_json', 'load_json',
-           'save_tensors', 'load_tensors', 'content_hash', 'hub_reachable', 'hub_offline']
+__all__ = ['FULL_HASH_LIMIT', 'SAMPLE_BYTES', 'resolve_device', 'seed_everything', 'cache_dir', 'run_dir', 'atomic_path',
+           'atomic_write', 'save_json', 'load_json', 'save_tensors', 'load_tensors', 'content_hash', 'file_fingerprint',
+           'fingerprint_problem', 'FolderLocked', 'folder_lock', 'hub_reachable', 'hub_offline']
 
 # %% ../nbs/00_core.ipynb #e662495f
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -114,6 +115,72 @@ def content_hash(*objs: Any, length: int = 16) -> str:
     "A short, stable hex key for JSON-able objects (dict key order does not matter)."
     payload = json.dumps(_to_jsonable(list(objs)), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()[:length]
+
+# %% ../nbs/00_core.ipynb #0eb2f18c
+FULL_HASH_LIMIT = 50 * 2**20            # files up to this size are hashed whole
+SAMPLE_BYTES = 2**20                    # larger files: size, mtime and the hash of their first and last MiB
+
+def _sha256(path: Path, sample: int | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if sample is None:
+            for block in iter(lambda: f.read(2**20), b""): h.update(block)
+        else:
+            h.update(f.read(sample))
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(size - sample, 0)); h.update(f.read(sample))
+    return h.hexdigest()
+
+def file_fingerprint(path: str | Path) -> dict[str, Any]:
+    "Size and content hash of a file: the whole file up to `FULL_HASH_LIMIT`, else mtime and the first and last MiB."
+    path = Path(path)
+    st = path.stat()
+    if st.st_size <= FULL_HASH_LIMIT: return {"size": st.st_size, "sha256": _sha256(path)}
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sampled_sha256": _sha256(path, SAMPLE_BYTES)}
+
+def _mb(n: int) -> str: return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n} bytes"
+
+def fingerprint_problem(path: str | Path, recorded: dict[str, Any]) -> str | None:
+    "Why `path` no longer matches its recorded fingerprint (missing, size, content), or None when it does."
+    path = Path(path)
+    if not path.is_file(): return "is missing"
+    st = path.stat()
+    if st.st_size != recorded.get("size"): return f"changed size ({_mb(recorded.get('size', 0))} -> {_mb(st.st_size)})"
+    if "sha256" in recorded:
+        return None if _sha256(path) == recorded["sha256"] else "changed content (its hash differs)"
+    if st.st_mtime_ns == recorded.get("mtime_ns"): return None
+    return None if _sha256(path, SAMPLE_BYTES) == recorded.get("sampled_sha256") else "changed content (its hash differs)"
+
+
+# %% ../nbs/00_core.ipynb #4ae49654
+class FolderLocked(RuntimeError):
+    "Another process holds the lock of a run folder."
+
+@contextmanager
+def folder_lock(folder: str | Path, command: str = "") -> Iterator[Path]:
+    "Hold an exclusive OS lock on `folder/.lock` (released when the block ends or the process dies); raises `FolderLocked`."
+    import fcntl, sys, time
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".lock"
+    f = open(path, "a+")
+    try:
+        try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            try: holder = json.loads(f.read() or "{}")
+            except ValueError: holder = {}
+            raise FolderLocked(f"{folder} is in use by another process (pid {holder.get('pid', '?')}, started "
+                               f"{holder.get('started', '?')}: {holder.get('command') or '?'}): wait for it to finish "
+                               f"or stop it; the lock goes away with that process.") from None
+        f.seek(0); f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                            "command": command or " ".join(sys.argv)}))
+        f.flush()
+        yield path
+    finally:
+        f.close()                                   # closing releases the lock
+
 
 # %% ../nbs/00_core.ipynb #d8e10175
 def hub_reachable(timeout: float = 3.0) -> bool:

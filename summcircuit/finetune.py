@@ -4,13 +4,13 @@
 
 # %% ../nbs/03_finetune.ipynb #3d2625c4
 from __future__ import annotations
-import math, os, time
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from transformers import PreTrainedModel, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from .core import content_hash, load_json, save_json, seed_everything
 from .data import Prompt, SummaryExample, build_prompt, collate
@@ -18,8 +18,8 @@ from .models import WEIGHT_FILES, ArchSpec, LoadedModel, load_model
 
 # %% auto #0
 __all__ = ['INDEX_NAME', 'PARAMS_NAME', 'FINETUNE_COMMAND', 'TrainingConfig', 'training_prompts', 'PromptDataset',
-           'SummaryCollator', 'training_arguments', 'Checkpoint', 'load_checkpoints', 'CheckpointIndex', 'FinetuneRun',
-           'finetune', 'plot_loss_curve']
+           'SummaryCollator', 'training_arguments', 'Checkpoint', 'load_checkpoints', 'CheckpointIndex',
+           'TrainingDiverged', 'StopOnNonFinite', 'FinetuneRun', 'finetune', 'plot_loss_curve']
 
 # %% ../nbs/03_finetune.ipynb #5fbbd68b
 @dataclass
@@ -108,7 +108,8 @@ def training_arguments(cfg: TrainingConfig, output_dir: str | Path, *, max_steps
         eval_strategy="steps", eval_steps=eval_steps, prediction_loss_only=True,
         save_strategy="no" if save_steps is None else "steps", save_steps=save_steps or 500,
         seed=seed, data_seed=seed, use_cpu=torch.device(device).type == "cpu", dataloader_pin_memory=False,
-        report_to="none", disable_tqdm=not progress, remove_unused_columns=False)
+        report_to="none", disable_tqdm=not progress, remove_unused_columns=False,
+        logging_nan_inf_filter=False)   # log a non-finite loss as it is (the filter hides divergence)
     return TrainingArguments(**(kwargs | overrides))
 
 # %% ../nbs/03_finetune.ipynb #b0532993
@@ -175,6 +176,28 @@ class CheckpointIndex(TrainerCallback):
             if e["step"] > 0: (self.folder / e["path"] / "optimizer.pt").unlink(missing_ok=True)
         return control
 
+class TrainingDiverged(RuntimeError):
+    "Fine-tuning produced a non-finite loss or weights; the checkpoints saved before it are kept."
+
+class StopOnNonFinite(TrainerCallback):
+    """Trainer callback: stop at the first non-finite training loss (or non-finite weights at a checkpoint),
+    without saving or evaluating that step, so the last checkpoint on disk is the last finite one."""
+    def __init__(self): self.bad: tuple[int, str] | None = None
+
+    def _stop(self, control, step: int, what: str):
+        self.bad = self.bad or (step, what)
+        control.should_training_stop, control.should_save, control.should_evaluate = True, False, False
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if control.should_save and model is not None and not all(torch.isfinite(p).all() for p in model.parameters()):
+            self._stop(control, state.global_step, "non-finite weights")
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss): self._stop(control, state.global_step, f"training loss {loss}")
+        return control
+
 # %% ../nbs/03_finetune.ipynb #e79a18f4
 @dataclass
 class FinetuneRun:
@@ -225,14 +248,28 @@ def finetune(lm: LoadedModel, train_examples: Sequence[SummaryExample], val_exam
                       callbacks=[CheckpointIndex(folder), *callbacks])
     if not progress: trainer.remove_callback(PrinterCallback)   # quiet: no per-step log lines
     if not index.exists():
-        save_json(folder / PARAMS_NAME, {"key": key, **params})
         base_loss = trainer.evaluate()["eval_loss"]
+        if not math.isfinite(base_loss):
+            raise TrainingDiverged(f"Stage finetune: the base model {lm.name!r} gives a validation loss of {base_loss} "
+                                   "before any training (cause: NaN/inf weights in the base model, or validation "
+                                   "documents without summary tokens). Fix: check the model's weights and the data; "
+                                   f"nothing was written to {folder}.")
+        save_json(folder / PARAMS_NAME, {"key": key, **params})
         save_json(index, [asdict(Checkpoint(0, _base_path(lm.name), base_loss))])
+    guard = StopOnNonFinite()
+    trainer.add_callback(guard)
     try:
         trainer.train(resume_from_checkpoint=resume)
     finally:
         lm.hf.eval()
     done = load_checkpoints(folder)
+    if guard.bad:
+        step, what = guard.bad
+        raise TrainingDiverged(
+            f"Stage finetune stopped at step {step}: {what} (cause: the training diverged; the learning rate "
+            f"{cfg.learning_rate:g} is likely too high). Fix: lower it (e.g. --set finetune.learning_rate="
+            f"{min(cfg.learning_rate / 10, 1e-4):g}) and rerun. The last finite checkpoint (step {done[-1].step}) "
+            f"is kept in {folder}; the stage is not marked done.")
     history = trainer.state.log_history
     save_json(folder / "log_history.json", history)
     return FinetuneRun(folder, done, history)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_pipeline.ipynb #25fab786
 from __future__ import annotations
-import argparse, ast, importlib.util, os, re, shutil, sys, time
+import argparse, ast, importlib.util, os, re, shlex, shutil, sys, time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -14,17 +14,18 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from .core import content_hash, load_json, save_json
+from .core import FolderLocked, content_hash, file_fingerprint, fingerprint_problem, folder_lock, load_json, save_json
 from .data import build_prompt, collate, load_examples
 from .diff import head_entropy
 from .models import load_model
 
 # %% auto #0
-__all__ = ['SHARED_PARAMETERS', 'STAGES', 'DEMO_TAG', 'layer_entropies', 'project_root', 'runs_root', 'RunConfig', 'load_config',
-           'notebook_parameters', 'notebook_text', 'Stage', 'stage_named', 'Job', 'library_modules', 'job_key',
-           'select_checkpoints', 'StageNotReady', 'stage_parameters', 'plan_stage', 'StageFailed', 'stage_input',
-           'execute_job', 'JobRecord', 'PipelineResult', 'run_pipeline', 'write_stage_notebook', 'smoke', 'run_command',
-           'report_command', 'main']
+__all__ = ['DEVICE_PATTERN', 'SHARED_PARAMETERS', 'STAGES', 'STALE', 'DEMO_TAG', 'layer_entropies', 'project_root', 'runs_root',
+           'RunConfig', 'Yaml12Loader', 'check_run_name', 'check_shared', 'load_config', 'notebook_parameters',
+           'notebook_parameter_types', 'parameter_types', 'check_parameter', 'notebook_text', 'Stage', 'stage_named',
+           'Job', 'library_modules', 'job_key', 'select_checkpoints', 'StageNotReady', 'stage_parameters', 'plan_stage',
+           'StageFailed', 'move_aside', 'restore_aside', 'job_outputs', 'stage_input', 'execute_job', 'JobRecord',
+           'PipelineResult', 'run_pipeline', 'write_stage_notebook', 'smoke', 'run_command', 'report_command', 'main']
 
 # %% ../nbs/10_pipeline.ipynb #aa5e0899
 def layer_entropies(model: str = "smollm2-135m", dataset: str = "aclsum", split: str = "train", aspect: str = "outcome",
@@ -79,9 +80,44 @@ class RunConfig:
 
     def enabled(self, stage: str) -> bool: return (self.stages.get(stage) or {}).get("enabled", True) is not False
 
+class Yaml12Loader(yaml.SafeLoader):
+    "PyYAML's safe loader with YAML 1.2's floats: `5e-5` and `1e-4` are numbers (YAML 1.1 reads them as text)."
+
+Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                   re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$"), list("-+0123456789."))
+
 def _parse_value(text: str) -> Any:
-    "A command-line value read as YAML: `4` is an int, `[0, 1]` a list, `null` None, anything else a string."
-    return yaml.safe_load(text) if text.strip() else ""
+    "A command-line value read as YAML 1.2: `4` is an int, `5e-5` a float, `[0, 1]` a list, `null` None, else a string."
+    try: return yaml.load(text, Loader=Yaml12Loader) if text.strip() else ""
+    except yaml.YAMLError: return text
+
+def check_run_name(name: Any) -> str:
+    "A run name is a plain folder name (it must stay inside the runs folder): no `/`, `..` or leading dot."
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*", name):
+        raise ValueError(f"name={name!r} is not allowed: a run name is a plain folder name (letters, digits, . _ + = -, "
+                         "not starting with a dot or containing /) such as 'default', so the run stays inside the runs folder.")
+    return name
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+def check_shared(cfg: "RunConfig") -> None:
+    "Validate the shared settings of `cfg` (name, model, data set, aspect, device, seed, checkpoints); one message naming key, value and what is allowed."
+    check_run_name(cfg.name)
+    for key in ("model", "dataset", "aspect"):
+        if not isinstance(getattr(cfg, key), str) or not getattr(cfg, key):
+            raise ValueError(f"{key}={getattr(cfg, key)!r} is not allowed: {key} is a non-empty name (text).")
+    if not isinstance(cfg.device, str) or not DEVICE_PATTERN.fullmatch(cfg.device):
+        raise ValueError(f"device={cfg.device!r} is not allowed: use auto, cpu, cuda, cuda:N (N a GPU number) or mps.")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+        raise ValueError(f"seed={cfg.seed!r} is not allowed: the seed is an integer.")
+    ck = cfg.checkpoints
+    if not (ck in ("all", "ends") or (isinstance(ck, list) and ck and
+                                      all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in ck))):
+        raise ValueError(f"checkpoints={ck!r} is not allowed: use all, ends or a non-empty list of checkpoint steps "
+                         "such as [0, 16, 32, 48].")
+    for stage, params in cfg.stages.items():
+        if "enabled" in params and not isinstance(params["enabled"], bool):
+            raise ValueError(f"{stage}.enabled={params['enabled']!r} is not allowed: use true or false.")
 
 def load_config(name_or_path: str | Path, overrides: Sequence[str] = (), run_name: str | None = None,
                 configs_dir: str | Path | None = None) -> RunConfig:
@@ -93,14 +129,22 @@ def load_config(name_or_path: str | Path, overrides: Sequence[str] = (), run_nam
         known = sorted(p.stem for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
         raise FileNotFoundError(f"No run configuration {path}: pass a configuration name ({', '.join(known) or 'none found'}) "
                                 "or the path of a YAML file.")
-    data = yaml.safe_load(path.read_text()) or {}
+    try: data = yaml.load(path.read_text(), Loader=Yaml12Loader) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise ValueError(f"{path} is not valid YAML" + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark else "")
+                         + f": {getattr(e, 'problem', None) or e}. Fix the file and rerun.") from None
+    if not isinstance(data, dict): raise ValueError(f"{path}: a configuration is a YAML mapping (name: ..., model: ...).")
     allowed = {f.name for f in fields(RunConfig)} - {"source"}
     if unknown := set(data) - allowed:
         raise ValueError(f"{path}: unknown setting(s) {sorted(unknown)}; a configuration has {sorted(allowed)}.")
     data.setdefault("name", path.stem)
     for key in ("model", "dataset"):
         if key not in data: raise ValueError(f"{path}: set `{key}` (e.g. model: smollm2-135m, dataset: aclsum).")
-    stages = {k: dict(v or {}) for k, v in (data.pop("stages", None) or {}).items()}
+    stages = data.pop("stages", None) or {}
+    if not isinstance(stages, dict) or not all(isinstance(v, (dict, type(None))) for v in stages.values()):
+        raise ValueError(f"{path}: `stages` maps each stage's name to its parameters (stages: {{diff: {{n_examples: 24}}}}).")
+    stages = {k: dict(v or {}) for k, v in stages.items()}
     cfg = RunConfig(**data, stages=stages, source=str(path))
     for item in overrides:
         name, sep, value = item.partition("=")
@@ -110,7 +154,8 @@ def load_config(name_or_path: str | Path, overrides: Sequence[str] = (), run_nam
         elif param in allowed - {"stages"}: setattr(cfg, param, _parse_value(value))
         else: raise ValueError(f"Override {item!r}: {param!r} is not a shared setting ({sorted(allowed - {'stages'})}); "
                                "write stage.param=value for a stage's parameter.")
-    if run_name: cfg.name = run_name
+    if run_name is not None: cfg.name = run_name
+    check_shared(cfg)
     return cfg
 
 # %% ../nbs/10_pipeline.ipynb #54a024c0
@@ -129,6 +174,51 @@ def notebook_parameters(path: str | Path) -> dict[str, Any] | None:
                         except ValueError: out[t.id] = ast.unparse(node.value)
             return out
     return None
+
+def notebook_parameter_types(path: str | Path) -> dict[str, str | None]:
+    "Each parameter's declared type: its annotation's text (`max_steps: int | None = None`), `literal` when only a literal default says it, None when nothing does."
+    import nbformat
+    nb = nbformat.read(str(path), as_version=4)
+    out: dict[str, str | None] = {}
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []):
+            for node in ast.parse(cell.source).body:
+                if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                    out[node.target.id] = ast.unparse(node.annotation)
+                elif isinstance(node, ast.Assign):
+                    try: ast.literal_eval(node.value); kind = "literal"
+                    except ValueError: kind = None
+                    for t in node.targets:
+                        if isinstance(t, ast.Name): out[t.id] = kind
+            break
+    return out
+
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "list": list, "tuple": list, "dict": dict, "None": type(None)}
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "text", list: "a list", dict: "a mapping",
+               type(None): "null"}
+
+def parameter_types(default: Any, declared: str | None = "literal") -> tuple[type, ...] | None:
+    "The types a notebook parameter accepts: its annotation's (`int | None`), else its literal default's; None = any (a None default)."
+    if declared and declared != "literal":
+        names = [n.strip().split("[")[0] for n in declared.split("|")]
+        return tuple(dict.fromkeys(_TYPES[n] for n in names)) if all(n in _TYPES for n in names) else None
+    if declared is None or default is None: return None
+    if isinstance(default, tuple): return (list,)
+    return next(((t,) for t in (bool, int, float, str, list, dict) if isinstance(default, t)), None)
+
+def _accepts(types: tuple[type, ...], value: Any) -> bool:
+    is_num = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return any(value is None if t is type(None) else isinstance(value, bool) if t is bool else
+               (is_num and isinstance(value, int)) if t is int else is_num if t is float else
+               isinstance(value, (list, tuple)) if t is list else isinstance(value, t) for t in types)
+
+def check_parameter(key: str, value: Any, default: Any, declared: str | None = "literal", notebook: str = "the notebook") -> Any:
+    "Raise one `ValueError` naming the key, the value and what is allowed when `value` does not fit the parameter's type."
+    types = parameter_types(default, declared)
+    if types is None or _accepts(types, value): return value
+    allowed = " or ".join(_TYPE_WORDS[t] for t in types)
+    raise ValueError(f"{key}={value!r} is not allowed: {notebook} takes {allowed} for {key.rpartition('.')[2]} "
+                     f"(default {default!r}).")
 
 def notebook_text(path: str | Path) -> str:
     "The source of a notebook's cells (not outputs or metadata): what its cache key depends on."
@@ -195,11 +285,21 @@ class Job:
     @property
     def started_file(self) -> Path: return self.folder / ".started.json"
 
+    def check_done(self) -> tuple[bool, str]:
+        "(done, why not): finished with the same key, its executed notebook still there, and every output it recorded unchanged."
+        if not (self.done_file.exists() and self.executed.exists()): return False, ""
+        try: record = load_json(self.done_file)
+        except Exception: return False, f"its record {self.done_file} is unreadable"
+        if record.get("key") != self.key: return False, ""
+        run_folder = self.executed.parent
+        for rel, fingerprint in (record.get("outputs") or {}).items():
+            if problem := fingerprint_problem(run_folder / rel, fingerprint):
+                return False, f"its output {rel} {problem} since the job finished"
+        return True, ""
+
     def is_done(self) -> bool:
-        "Whether this job finished with the same key (and its executed notebook is still there)."
-        if not (self.done_file.exists() and self.executed.exists()): return False
-        try: return load_json(self.done_file).get("key") == self.key
-        except Exception: return False
+        "Whether this job finished with the same key, its executed notebook and its outputs intact."
+        return self.check_done()[0]
 
 def _portable(obj: Any, base: Path) -> Any:
     "`obj` with absolute paths under `base` written relative to it (for stable keys)."
@@ -272,6 +372,9 @@ def stage_parameters(stage: Stage, cfg: RunConfig, nbs_dir: Path) -> dict[str, A
     if unknown := sorted(set(wanted) - set(declared)):
         raise ValueError(f"{Path(cfg.source).name or 'the configuration'} sets {stage.name}.{', '.join(unknown)}, but "
                          f"{notebook.name} has no such parameter; its parameters are {sorted(declared)}.")
+    types = notebook_parameter_types(notebook)
+    for k, v in cfg.stage_params(stage.name).items():
+        check_parameter(f"{stage.name}.{k}", v, declared[k], types.get(k, "literal"), notebook.name)
     return params | wanted
 
 def plan_stage(stage: Stage, cfg: RunConfig, run_folder: Path, nbs_dir: Path, upstream: dict[str, str]) -> list[Job]:
@@ -305,10 +408,10 @@ def plan_stage(stage: Stage, cfg: RunConfig, run_folder: Path, nbs_dir: Path, up
 # %% ../nbs/10_pipeline.ipynb #7a4cba3a
 class StageFailed(RuntimeError):
     "A stage notebook raised: names the stage, the executed notebook to open, and the error."
-    def __init__(self, job: Job, error: str):
-        self.job, self.error = job, error
+    def __init__(self, job: Job, error: str, notebook: Path | None = None):
+        self.job, self.error, self.notebook = job, error, Path(notebook or job.executed)
         super().__init__(f"Stage '{job.stage.name}' ({job.title}) failed: {error}\n"
-                         f"Open the executed notebook to see where: {job.executed}\n"
+                         f"Open the executed notebook to see where: {self.notebook}\n"
                          f"Earlier stages' results are kept; fix the cause and rerun the same command to resume.")
 
 @contextmanager
@@ -322,8 +425,8 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
             if v is None: os.environ.pop(k, None)
             else: os.environ[k] = v
 
-def _clear_stale(job: Job) -> str | None:
-    "Delete the job's folder if it holds results made with other parameters or other upstream results; say what changed."
+def _stale_reason(job: Job) -> str | None:
+    "What differs (parameters, upstream results) between the job and the results an earlier run left in its folder; None if nothing."
     for record in (job.done_file, job.started_file):
         if record.exists():
             try: old = load_json(record)
@@ -332,9 +435,58 @@ def _clear_stale(job: Job) -> str | None:
             old_params, old_up = old.get("params", {}), old.get("upstream", {})
             changed = sorted(k for k in set(old_params) | set(new["params"]) if old_params.get(k) != new["params"].get(k))
             changed += [f"{s} results" for s in sorted(set(old_up) | set(job.upstream)) if old_up.get(s) != job.upstream.get(s)]
-            if changed: shutil.rmtree(job.folder)
             return ", ".join(changed) or None
     return None
+
+STALE = ".stale"
+
+def move_aside(job: Job) -> Path | None:
+    "Move the job's results folder and executed notebook into `<run>/.stale/<job>--<time>/`; None when there is nothing to move."
+    if not job.folder.exists(): return None
+    aside = job.executed.parent / STALE / f"{job.id}--{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    aside.mkdir(parents=True)
+    os.replace(job.folder, aside / "results")
+    if job.executed.exists(): os.replace(job.executed, aside / job.executed.name)
+    return aside
+
+def restore_aside(job: Job, aside: Path, failed_notebook: Path) -> None:
+    "Put the results moved aside back (the failed attempt's partial results go; its notebook is kept as `failed_notebook`)."
+    if job.folder.exists(): shutil.rmtree(job.folder)
+    os.replace(aside / "results", job.folder)
+    if job.executed.exists(): os.replace(job.executed, failed_notebook)
+    if (aside / job.executed.name).exists(): os.replace(aside / job.executed.name, job.executed)
+    shutil.rmtree(aside)
+    if not any(aside.parent.iterdir()): aside.parent.rmdir()
+
+def _snapshot(run_folder: Path) -> dict[str, tuple[int, int]]:
+    "Size and mtime of every file of the run folder (but `.stale/`), by relative path."
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(run_folder):
+        if Path(dirpath) == run_folder: dirnames[:] = [d for d in dirnames if d != STALE]
+        for f in filenames:
+            p = Path(dirpath) / f
+            try: st = p.stat()
+            except OSError: continue
+            out[p.relative_to(run_folder).as_posix()] = (st.st_size, st.st_mtime_ns)
+    return out
+
+_BOOKKEEPING = {".done.json", ".started.json", ".lock", "pipeline.json", "config.json"}
+
+def job_outputs(job: Job, before: dict[str, tuple[int, int]] | None = None) -> list[str]:
+    """The files a finished job made, relative to the run folder: everything in its folder, plus the files it wrote
+    elsewhere in the run folder (new or changed since `before`) outside other jobs' folders; bookkeeping left out."""
+    run_folder = job.executed.parent
+    own = job.folder.relative_to(run_folder).as_posix() + "/"
+    out = []
+    for rel, stat in _snapshot(run_folder).items():
+        name = rel.rsplit("/", 1)[-1]
+        if name in _BOOKKEEPING or name.startswith(".input-") or run_folder / rel == job.executed: continue
+        if rel.startswith(own): out.append(rel); continue
+        if before is None or before.get(rel) == stat: continue
+        parents = list(Path(rel).parents)[:-1]
+        if any((run_folder / p / ".done.json").exists() or (run_folder / p / ".started.json").exists() for p in parents): continue
+        out.append(rel)
+    return sorted(out)
 
 DEMO_TAG = "demo"
 
@@ -350,15 +502,23 @@ def stage_input(notebook: str | Path, folder: str | Path) -> Path:
     nbformat.write(nb, str(path))
     return path
 
-def execute_job(job: Job, root: Path, runs: Path, progress: bool = True, kernel_name: str = "python3") -> float:
-    "Execute `job`'s notebook with papermill; returns the seconds it took; raises `StageFailed`."
+def execute_job(job: Job, root: Path, runs: Path, progress: bool = True, kernel_name: str = "python3",
+                damaged: str = "") -> float:
+    """Execute `job`'s notebook with papermill; returns the seconds it took; raises `StageFailed`. Results of other
+    parameters (or `damaged` ones) are moved aside first, deleted after success and put back on failure."""
     import papermill as pm
-    if changed := _clear_stale(job):
-        print(f"  parameters changed ({changed}): cleared the old results in {job.folder}")
+    run_folder = job.executed.parent
+    aside = None
+    if (changed := _stale_reason(job)) or damaged:
+        aside = move_aside(job)
+        if aside is not None:
+            why = f"parameters changed ({changed})" if changed else damaged
+            print(f"  {why}: moved the old results aside to {aside} (deleted once this job succeeds, put back if it fails)")
     record = {"key": job.key, "stage": job.stage.name, "job": job.id, "title": job.title, "step": job.step,
               "notebook": job.stage.notebook, "executed": job.executed.name, "params": _portable(job.params, job.executed.parent), "upstream": job.upstream}
     save_json(job.started_file, record | {"started": time.strftime("%Y-%m-%d %H:%M:%S")})
     job.done_file.unlink(missing_ok=True)
+    before = _snapshot(run_folder)
     t0 = time.time()
     import logging
     logging.getLogger("papermill").setLevel(logging.ERROR)   # its parameter inspection warns on comments; we check parameters ourselves
@@ -368,14 +528,24 @@ def execute_job(job: Job, root: Path, runs: Path, progress: bool = True, kernel_
             pm.execute_notebook(str(source), str(job.executed), parameters=job.params,
                                 kernel_name=kernel_name, language="python", progress_bar=progress, cwd=str(root),
                                 extra_arguments=["--IPKernelApp.log_level=ERROR"])   # no kernel chatter
-    except pm.PapermillExecutionError as e:
-        raise StageFailed(job, f"{e.ename}: {str(e.evalue).strip().splitlines()[0] if str(e.evalue).strip() else ''} "
-                               f"(cell {e.exec_count})") from None
-    except Exception as e:
-        if isinstance(e, KeyboardInterrupt): raise
-        raise StageFailed(job, f"{type(e).__name__}: {e}") from e
+    except BaseException as e:
+        failed = job.executed
+        if aside is not None:                  # the old results go back; the failed notebook stays beside them
+            failed = job.executed.with_name(f"{job.executed.stem}.failed.ipynb")
+            restore_aside(job, aside, failed)
+        if isinstance(e, pm.PapermillExecutionError):
+            raise StageFailed(job, f"{e.ename}: {str(e.evalue).strip().splitlines()[0] if str(e.evalue).strip() else ''} "
+                                   f"(cell {e.exec_count})", failed) from None
+        if not isinstance(e, Exception): raise   # KeyboardInterrupt
+        raise StageFailed(job, f"{type(e).__name__}: {e}", failed) from e
     seconds = time.time() - t0
-    save_json(job.done_file, record | {"seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+    outputs = {rel: file_fingerprint(run_folder / rel) for rel in job_outputs(job, before)}
+    save_json(job.done_file, record | {"seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "outputs": outputs})
+    if aside is not None: shutil.rmtree(aside)
+    for left in (run_folder / STALE).glob(f"{job.id}--*"): shutil.rmtree(left)   # left by a killed process
+    if (run_folder / STALE).is_dir() and not any((run_folder / STALE).iterdir()): (run_folder / STALE).rmdir()
+    failed_nb = job.executed.with_name(f"{job.executed.stem}.failed.ipynb")
+    failed_nb.unlink(missing_ok=True)
     return seconds
 
 # %% ../nbs/10_pipeline.ipynb #cde09c7b
@@ -411,10 +581,12 @@ def _save_manifest(run_folder: Path, cfg: RunConfig, records: list[JobRecord], s
 
 def run_pipeline(cfg: RunConfig, runs: str | Path | None = None, stages: Sequence[Stage] = STAGES,
                  root: str | Path | None = None, progress: bool = True, strict: bool = False,
-                 log=print) -> PipelineResult:
-    "Run (or resume) every stage of `cfg` into `runs/<cfg.name>/`; returns what ran, what was cached, what failed."
+                 log=print, command: str = "") -> PipelineResult:
+    """Run (or resume) every stage of `cfg` into `runs/<cfg.name>/`; returns what ran, what was cached, what failed.
+    Holds the run folder's lock (`FolderLocked` if another process has it); `command` is shown to whoever waits."""
     root = Path(root).resolve() if root else project_root()
     runs = runs_root(runs)
+    check_shared(cfg)
     if unknown := sorted(set(cfg.stages) - {s.name for s in stages}):
         raise ValueError(f"{cfg.source or 'The configuration'} has sections {unknown} for no stage; the stages are "
                          f"{[s.name for s in stages]}.")
@@ -423,7 +595,14 @@ def run_pipeline(cfg: RunConfig, runs: str | Path | None = None, stages: Sequenc
             try: stage_parameters(stage, cfg, root / "nbs")
             except StageNotReady: pass
     run_folder = runs / cfg.name
+    if run_folder.resolve().parent != runs.resolve():
+        raise ValueError(f"name={cfg.name!r} is not allowed: the run folder {run_folder.resolve()} would be outside {runs}.")
     run_folder.mkdir(parents=True, exist_ok=True)
+    with folder_lock(run_folder, command):
+        return _run_locked(cfg, runs, run_folder, stages, root, progress, strict, log)
+
+def _run_locked(cfg: RunConfig, runs: Path, run_folder: Path, stages: Sequence[Stage], root: Path, progress: bool,
+                strict: bool, log) -> PipelineResult:
     save_json(run_folder / "config.json", asdict(cfg))
     keys: dict[str, str] = {}
     records: list[JobRecord] = []
@@ -450,15 +629,18 @@ def run_pipeline(cfg: RunConfig, runs: str | Path | None = None, stages: Sequenc
             sub = f"{head} {job.title}" + (f" ({j}/{len(jobs)})" if len(jobs) > 1 else "")
             rec = JobRecord(stage.name, job.id, job.title, "cached", str(job.executed.relative_to(run_folder)), key=job.key,
                             step=job.step)
-            if job.is_done():
+            done, damaged = job.check_done()
+            if done:
                 rec.seconds = load_json(job.done_file).get("seconds", 0.0)
                 log(f"{sub}: done before, skipped (key {job.key})")
             else:
+                if damaged: log(f"{sub}: {damaged}: running it again")
                 log(f"{sub}: nbs/{stage.notebook} -> {job.executed}")
                 try:
-                    rec.seconds, rec.status = execute_job(job, root, runs, progress), "ran"
+                    rec.seconds, rec.status = execute_job(job, root, runs, progress, damaged=damaged), "ran"
                 except StageFailed as e:
                     rec.status, rec.reason = "failed", e.error
+                    rec.executed = str(e.notebook.relative_to(run_folder))
                     records.append(rec); _save_manifest(run_folder, cfg, records, stages)
                     return PipelineResult(run_folder, records, e)
                 log(f"{sub}: done in {rec.seconds:.0f} s")
@@ -497,11 +679,15 @@ def smoke(args: argparse.Namespace) -> int:
 def run_command(args: argparse.Namespace) -> int:
     "`summcircuit run`: the pipeline for one configuration, then the report."
     cfg = load_config(args.config, args.set or (), args.name)
+    if not args.no_report:
+        from summcircuit.report import check_site_folder
+        check_site_folder(args.out)                # refused now, not after an hour of computing
+    command = "summcircuit " + shlex.join(getattr(args, "argv", None) or ["run", "--config", args.config])
     t0 = time.time()
     try:
-        res = run_pipeline(cfg, args.runs_root, progress=not args.no_progress, strict=args.strict)
+        res = run_pipeline(cfg, args.runs_root, progress=not args.no_progress, strict=args.strict, command=command)
     except KeyboardInterrupt:
-        print(f"\nInterrupted. Finished stages are kept; rerun `summcircuit run --config {args.config}` to resume.", file=sys.stderr)
+        print(f"\nInterrupted. Finished stages are kept; rerun `{command}` to resume.", file=sys.stderr)
         return 130
     ran = sum(r.status == "ran" for r in res.records)
     cached = sum(r.status == "cached" for r in res.records)
@@ -559,7 +745,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
     s.set_defaults(func=smoke)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try: return args.func(args)
-    except (FileNotFoundError, ValueError, KeyError, StageNotReady) as e:
-        print(f"summcircuit {args.command}: {e}", file=sys.stderr)
+    except (FileNotFoundError, ValueError, KeyError, StageNotReady, FolderLocked) as e:
+        print(f"summcircuit {args.command}: {str(e).splitlines()[0] if isinstance(e, FolderLocked) else e}", file=sys.stderr)
+        return 2
+    except OSError as e:                             # a read-only run folder, a full disk: one line, no traceback
+        hint = " (a read-only folder? pass --runs-root, --name or --out to write elsewhere)" if isinstance(e, PermissionError) else ""
+        print(f"summcircuit {args.command}: cannot write {e.filename or ''}: {e.strerror or e}{hint}", file=sys.stderr)
         return 2

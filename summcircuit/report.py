@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_report.ipynb #ff9ab194
 from __future__ import annotations
-import base64, copy, fnmatch, glob, html, importlib, inspect, io, json, os, re, shutil, subprocess
+import base64, copy, glob, html, importlib, inspect, io, os, re, shutil, subprocess, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -13,17 +13,17 @@ import nbformat
 import pandas as pd
 import yaml
 
-from .core import atomic_write, load_json
+from .core import atomic_write, load_json, save_json
 from .pipeline import project_root
 
 # %% auto #0
-__all__ = ['QUESTIONS', 'SITE_TEMPLATE', 'SITE_CSS', 'Run', 'load_run', 'checkpoint_table', 'diff_results', 'entropy_share',
-           'causal_rows', 'circuit_results', 'run_spec', 'circuit_evolution', 'find_key', 'new_page', 'add_markdown',
-           'add_outputs', 'png_output', 'table_output', 'figure_png', 'front_matter', 'clean_notebook',
+__all__ = ['QUESTIONS', 'SITE_TEMPLATE', 'SITE_CSS', 'SITE_MARKER', 'Run', 'load_run', 'checkpoint_table', 'diff_results',
+           'entropy_share', 'causal_rows', 'circuit_results', 'run_spec', 'circuit_evolution', 'find_key', 'new_page',
+           'add_markdown', 'add_outputs', 'png_output', 'table_output', 'figure_png', 'front_matter', 'clean_notebook',
            'headline_findings', 'stage_list', 'home_page', 'evolution_figures', 'evolution_page', 'bakeoff_page',
            'run_figures', 'figures_page', 'compare_page', 'api_summary', 'api_page', 'stage_site', 'relink_pages',
            'NavItem', 'site_navigation', 'site_pages', 'math_to_mathml', 'render_offline', 'render_with_quarto',
-           'render_report']
+           'check_site_folder', 'render_report']
 
 # %% ../nbs/11_report.ipynb #eec5425c
 @dataclass
@@ -755,17 +755,54 @@ def render_with_quarto(folder: str | Path, out: str | Path) -> Path:
     return out
 
 # %% ../nbs/11_report.ipynb #a5adf977
+SITE_MARKER = ".summcircuit-site"           # written into every site this renders: the only folders it will replace
+
+def _holds_run(folder: Path, depth: int = 3) -> Path | None:
+    "A run's record (`pipeline.json`, a job's `.done.json` or `.started.json`) in `folder` or up to `depth` levels below."
+    for d in range(depth + 1):
+        for name in ("pipeline.json", ".done.json", ".started.json"):
+            if hits := glob.glob(os.path.join(glob.escape(str(folder)), *(["*"] * d), name)): return Path(hits[0])
+    return None
+
+def check_site_folder(out: str | Path) -> Path:
+    "Refuse (`ValueError`) an `out` that holds a run, or that is not empty and holds no marker of a site this renderer made."
+    out = Path(out)
+    if out.exists() and not out.is_dir(): raise ValueError(f"--out {out} is a file: pass a folder for the site (default: _site).")
+    if not out.exists() or not any(out.iterdir()): return out
+    if (record := _holds_run(out)) is not None:
+        raise ValueError(f"--out {out} holds a run ({record}): refusing to replace it; pass another folder for the site "
+                         "(default: _site).")
+    if not (out / SITE_MARKER).exists():
+        raise ValueError(f"--out {out} is not empty and was not made by `summcircuit report` (it has no {SITE_MARKER}): "
+                         "refusing to replace it; pass a new or empty folder, or remove this one yourself.")
+    return out
+
 def render_report(runs: Sequence[str | Path], out: str | Path = "_site", renderer: str = "auto",
                   root: str | Path | None = None, proc: str | Path | None = None) -> Path:
-    "Render the site of `runs[0]` (and the comparison of all `runs`) into `out`; returns `out`."
+    """Render the site of `runs[0]` (and the comparison of all `runs`) into `out`; returns `out`. The site is
+    rendered into a temporary folder beside `out`, which replaces `out` only once rendering succeeded; `out` must
+    be new, empty or a site rendered here before (`check_site_folder`)."""
     if not runs: raise ValueError("Name at least one run folder, e.g. runs/default.")
+    out = check_site_folder(out)
+    use_quarto = renderer == "quarto" or (renderer == "auto" and shutil.which("quarto"))
+    if renderer == "quarto" and not shutil.which("quarto"):
+        raise FileNotFoundError("Quarto is not installed: use --renderer nbconvert (or auto).")
     loaded = [load_run(r) for r in runs]
     root = Path(root) if root else project_root()
     proc = Path(proc) if proc else Path("_proc") / loaded[0].name
     stage_site(loaded, proc, root)
-    out = Path(out)
-    if out.exists(): shutil.rmtree(out)
-    use_quarto = renderer == "quarto" or (renderer == "auto" and shutil.which("quarto"))
-    if renderer == "quarto" and not shutil.which("quarto"):
-        raise FileNotFoundError("Quarto is not installed: use --renderer nbconvert (or auto).")
-    return render_with_quarto(proc, out) if use_quarto else render_offline(proc, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.rendering-{os.getpid()}"
+    if tmp.exists(): shutil.rmtree(tmp)         # our own, left by an interrupted rendering
+    try:
+        render_with_quarto(proc, tmp) if use_quarto else render_offline(proc, tmp)
+        save_json(tmp / SITE_MARKER, {"made_by": "summcircuit report", "runs": [str(r.folder) for r in loaded],
+                                      "rendered": time.strftime("%Y-%m-%d %H:%M:%S")})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists(): os.replace(out, old)
+    os.replace(tmp, out)
+    if old.exists(): shutil.rmtree(old)
+    return out

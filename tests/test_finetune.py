@@ -73,7 +73,7 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path):
 
 def test_index_val_loss_and_checkpoint_folders(tmp_path):
     lm = load_model("tiny-llama", device="cpu")
-    run = finetune(lm, TRAIN, VAL, tmp_path / "r" / "finetune", CFG, progress=False)
+    finetune(lm, TRAIN, VAL, tmp_path / "r" / "finetune", CFG, progress=False)
     index = load_json(tmp_path / "r" / "finetune" / INDEX_NAME)
     assert [e["step"] for e in index] == [0, 3, 6, 8] and index[0]["path"] == "tiny-llama"
     assert [e["path"] for e in index[1:]] == ["checkpoint-3", "checkpoint-6", "checkpoint-8"]

@@ -5,15 +5,14 @@ The stand-ins have the real stage notebooks' names and parameters, so the real s
 tested: the per-checkpoint expansion, sub-runs, the final-checkpoint parameter, the cache keys. Each stand-in
 records its execution in a log file (`$FAKE_LOG`), which is the independent evidence of what ran; none loads a
 model, so a run takes seconds. The real notebooks run in `tests/test_report.py` (the smoke run)."""
-import json, os, shutil
+import json
 from pathlib import Path
 
 import nbformat
 import pytest
 
 from summcircuit.core import load_json
-from summcircuit.pipeline import (STAGES, Stage, RunConfig, job_key, load_config, main, notebook_parameters, plan_stage,
-                                  run_pipeline, write_stage_notebook)
+from summcircuit.pipeline import (STAGES, job_key, load_config, main, notebook_parameters, write_stage_notebook)
 
 COMMON = "run_name = None\nmodel = 'm'\ndataset = 'd'\naspect = 'outcome'\ndevice = 'cpu'\nseed = 0\n"
 PRELUDE = """import json, os

@@ -13,7 +13,7 @@ import pytest
 
 from summcircuit.core import load_json
 from summcircuit.pipeline import STAGES, main, notebook_parameters, project_root
-from summcircuit.report import front_matter, load_run, render_report, run_figures, site_pages, stage_site
+from summcircuit.report import front_matter, load_run, render_report, run_figures, site_pages
 
 ROOT = project_root(Path(__file__).parent)
 ARTIFACTS = ROOT / "test-artifacts"

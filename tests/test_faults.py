@@ -1,0 +1,299 @@
+"""Faults a demanding user meets (issue 12): each test reproduces a failure of the code before the fix and checks
+the message and that nothing finished was deleted or changed (the run folder hashed before and after).
+
+The pipeline tests use the stand-in stage notebooks of `tests/test_pipeline.py` (seconds per run, no model)."""
+import hashlib, math, os, subprocess, sys, time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import test_pipeline as tp  # noqa: E402
+
+from summcircuit.core import load_json, save_json
+from summcircuit.pipeline import STAGES, load_config, main, project_root, stage_named, stage_parameters, write_stage_notebook
+
+ROOT = project_root(Path(__file__).parent)
+BOOKKEEPING = {"pipeline.json", "config.json", ".lock"}
+
+FINETUNE = (tp.COMMON + "max_steps = 4\ncheckpoint_every = 2\nlearning_rate = 1e-4\nfail = False\n",
+            tp.PRELUDE + """log('finetune', max_steps=max_steps, learning_rate=learning_rate, lr_type=type(learning_rate).__name__)
+assert not fail, 'fine-tuning was asked to fail'
+cks = []
+for step in range(0, max_steps + 1, checkpoint_every):
+    path = model if step == 0 else f'checkpoint-{step}'
+    if step:
+        d = folder / 'finetune' / path; d.mkdir(parents=True, exist_ok=True)
+        (d / 'config.json').write_text('{}'); (d / 'model.safetensors').write_bytes(bytes(range(256)) * 64)
+    cks.append({'step': step, 'path': path, 'val_loss': 5.0 - step / 10})
+write('finetune/checkpoints.json', cks)""")
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    "The stand-in repository of test_pipeline, its fine-tuning stand-in with a learning rate, a failure switch and real bytes."
+    (tmp_path / "settings.ini").write_text("[DEFAULT]\n")
+    for name, (params, body) in {**tp.FAKES, "03_finetune.ipynb": FINETUNE}.items():
+        write_stage_notebook(tmp_path / "nbs" / name, params, body, title=name)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "fake.yaml").write_text(tp.CONFIG)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FAKE_LOG", str(tmp_path / "executions.log"))
+    monkeypatch.delenv("SUMMCIRCUIT_RUNS", raising=False)
+    return tmp_path
+
+
+def folder_hash(folder: Path, skip=BOOKKEEPING) -> dict[str, str]:
+    "Content hash of every file of a folder (bookkeeping of the pipeline itself left out)."
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in skip and ".stale" not in p.parts
+            and not p.name.endswith(".failed.ipynb")}
+
+
+def run(*args: str) -> int: return tp.run(*args)
+
+
+# 1. `summcircuit report RUN --out FOLDER` -------------------------------------------------------------------------------
+
+def fake_run(folder: Path) -> Path:
+    "A finished-looking run folder: its record, an executed notebook, a 'checkpoint'."
+    import nbformat
+    (folder / "finetune" / "checkpoint-2").mkdir(parents=True)
+    (folder / "finetune" / "checkpoint-2" / "model.safetensors").write_bytes(os.urandom(4096))
+    save_json(folder / "finetune" / ".done.json", {"key": "k"})
+    nb = nbformat.v4.new_notebook(); nb.cells = [nbformat.v4.new_markdown_cell("# Fine-tuning\n> stand-in")]
+    nbformat.write(nb, str(folder / "03_finetune.ipynb"))
+    save_json(folder / "pipeline.json", {"config": {"name": "r", "model": "tiny-llama", "dataset": "synthetic"},
+              "jobs": [{"stage": "finetune", "job": "finetune", "title": "Fine-tuning", "status": "ran",
+                        "executed": "03_finetune.ipynb"}]})
+    return folder
+
+
+def test_report_never_deletes_a_folder_it_did_not_make(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    runf = fake_run(tmp_path / "runs" / "r")
+    before = folder_hash(tmp_path / "runs", skip=set())
+    assert main(["report", str(runf), "--out", str(runf)]) == 2               # the run itself
+    err = capsys.readouterr().err
+    assert "holds a run" in err and str(runf) in err and len(err.strip().splitlines()) == 1
+    assert main(["report", str(runf), "--out", str(tmp_path / "runs")]) == 2  # a folder holding runs
+    assert "holds a run" in capsys.readouterr().err
+    mine = tmp_path / "mine"; mine.mkdir(); (mine / "thesis.tex").write_text("years of work")
+    assert main(["report", str(runf), "--out", str(mine)]) == 2               # somebody else's folder
+    assert "was not made by `summcircuit report`" in capsys.readouterr().err
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    assert folder_hash(tmp_path / "runs", skip=set()) == before
+    # `run` refuses such an --out before computing anything
+    assert main(["run", "--config", "smoke", "--runs-root", str(tmp_path / "runs"), "--out", str(mine)]) == 2
+    assert not (tmp_path / "runs" / "smoke").exists()
+
+
+@pytest.mark.timeout(600)
+def test_report_renders_beside_the_old_site_and_replaces_it_only_on_success(tmp_path, monkeypatch):
+    from summcircuit import report
+    monkeypatch.chdir(tmp_path)
+    runf = fake_run(tmp_path / "runs" / "r")
+    site = tmp_path / "site"
+    assert main(["report", str(runf), "--out", str(site), "--renderer", "nbconvert"]) == 0
+    assert (site / report.SITE_MARKER).exists() and (site / "index.html").exists()
+    old = folder_hash(site, skip=set())
+    def broken(folder, out):
+        Path(out).mkdir(parents=True); (Path(out) / "index.html").write_text("half")
+        raise RuntimeError("the renderer crashed")
+    monkeypatch.setattr(report, "render_offline", broken)
+    with pytest.raises(RuntimeError, match="crashed"):
+        report.render_report([runf], site, renderer="nbconvert")
+    assert folder_hash(site, skip=set()) == old                               # the old site is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["_proc", "runs", "site"]   # no temporary folder left
+
+
+# 2. `--set` values validated before anything is cleared; nothing deleted before its replacement succeeded ---------------
+
+@pytest.mark.parametrize("setting, message", [
+    ("finetune.max_steps=abc", "finetune.max_steps='abc' is not allowed: 03_finetune.ipynb takes an integer"),
+    ("finetune.max_steps=2.5", "finetune.max_steps=2.5 is not allowed"),
+    ("diff.n_examples=true", "diff.n_examples=True is not allowed"),
+    ("device=gpu", "device='gpu' is not allowed: use auto, cpu, cuda, cuda:N (N a GPU number) or mps"),
+    ("seed=abc", "seed='abc' is not allowed"),
+    ("checkpoints=[]", "checkpoints=[] is not allowed: use all, ends or a non-empty list"),
+])
+def test_bad_set_values_are_refused_before_anything_is_cleared(project, capsys, setting, message):
+    assert run() == 0
+    n, before = len(tp.executions(project)), folder_hash(tp.folder_of(project))
+    capsys.readouterr()
+    assert run("--set", setting) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert len(tp.executions(project)) == n                                   # nothing ran
+    assert folder_hash(tp.folder_of(project)) == before                       # nothing cleared or changed
+
+
+def test_numbers_in_yaml_12_style_are_numbers(project, capsys):
+    assert run("--set", "finetune.learning_rate=5e-5") == 0
+    assert tp.executions(project)[0]["learning_rate"] == 5e-5 and tp.executions(project)[0]["lr_type"] == "float"
+    (project / "configs" / "lr.yaml").write_text(tp.CONFIG.replace("name: fake", "name: lr").replace(
+        "{max_steps: 4, checkpoint_every: 2}", "{max_steps: 4, checkpoint_every: 2, learning_rate: 1e-4}"))
+    assert load_config("lr").stage_params("finetune")["learning_rate"] == 1e-4
+    assert load_config("fake", ["finetune.learning_rate='5e-5'"]).stage_params("finetune")["learning_rate"] == "5e-5"
+
+
+def test_the_real_notebooks_parameters_are_typed_and_both_configurations_pass():
+    for name in ("default", "smoke"):
+        cfg = load_config(name, configs_dir=ROOT / "configs")
+        for stage in STAGES:
+            try: stage_parameters(stage, cfg, ROOT / "nbs")
+            except Exception as e:
+                assert type(e).__name__ == "StageNotReady", (name, stage.name, e)
+    cfg = load_config("smoke", ["finetune.max_steps=abc"], configs_dir=ROOT / "configs")
+    with pytest.raises(ValueError, match=r"finetune.max_steps='abc' is not allowed: 03_finetune.ipynb takes an integer or null"):
+        stage_parameters(stage_named("finetune"), cfg, ROOT / "nbs")
+    cfg = load_config("smoke", ["finetune.learning_rate=abc"], configs_dir=ROOT / "configs")
+    with pytest.raises(ValueError, match=r"takes a number or null"):
+        stage_parameters(stage_named("finetune"), cfg, ROOT / "nbs")
+
+
+def test_a_failing_rerun_with_new_parameters_puts_the_old_results_back(project, capsys):
+    assert run() == 0
+    before = folder_hash(tp.folder_of(project))
+    capsys.readouterr()
+    assert run("--set", "finetune.max_steps=2", "--set", "finetune.fail=true") == 1
+    out, err = capsys.readouterr()
+    assert "moved the old results aside" in out and "cleared" not in out
+    failed = tp.folder_of(project) / "03_finetune.failed.ipynb"
+    assert "fine-tuning was asked to fail" in err and str(failed) in err and failed.exists()
+    assert folder_hash(tp.folder_of(project)) == before                       # checkpoints and notebook restored
+    assert not (tp.folder_of(project) / ".stale").exists()
+    assert run("--set", "finetune.max_steps=2") == 0                           # succeeds: the old results go
+    assert not (tp.folder_of(project) / "finetune" / "checkpoint-4").exists()
+    assert not (tp.folder_of(project) / ".stale").exists() and not failed.exists()
+
+
+# 3. a diverged fine-tune ---------------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(600)
+def test_fine_tuning_stops_at_the_first_non_finite_loss_and_keeps_finite_checkpoints(tmp_path):
+    import torch
+    from summcircuit.data import synthetic_examples
+    from summcircuit.finetune import TrainingConfig, TrainingDiverged, finetune, load_checkpoints
+    from summcircuit.models import load_model
+    cfg = TrainingConfig(max_source_tokens=64, batch_size=2, max_steps=6, checkpoint_every=1, learning_rate=1e30,
+                         warmup_steps=0)
+    folder = tmp_path / "r" / "finetune"
+    with pytest.raises(TrainingDiverged) as info:
+        finetune(load_model("tiny-llama", device="cpu"), synthetic_examples(6, seed=1), synthetic_examples(2, seed=2),
+                 folder, cfg, progress=False)
+    msg = str(info.value)
+    assert "Stage finetune stopped at step" in msg and "diverged" in msg and "learning rate 1e+30" in msg
+    assert "--set finetune.learning_rate=" in msg and "not marked done" in msg
+    cks = load_checkpoints(tmp_path / "r")
+    assert cks[-1].step < 6 and all(math.isfinite(c.val_loss) for c in cks)
+    for ck in cks[1:]:                                                        # every kept checkpoint is finite
+        from safetensors.torch import load_file
+        assert all(torch.isfinite(t).all() for t in load_file(str(Path(ck.path) / "model.safetensors")).values())
+    assert not (folder / "log_history.json").exists()
+
+
+# 4. damaged artifacts ------------------------------------------------------------------------------------------------
+
+def test_a_damaged_output_reruns_its_job_and_names_the_file(project, capsys):
+    from summcircuit.core import file_fingerprint
+    assert run() == 0
+    folder = tp.folder_of(project)
+    record = load_json(folder / "diff" / ".done.json").get("outputs", {})
+    assert record["diff/results.json"] == file_fingerprint(folder / "diff" / "results.json")
+    good = (folder / "diff" / "results.json").read_text()
+    (folder / "diff" / "results.json").write_text(good[:5])                  # truncated
+    ck = folder / "finetune" / "checkpoint-4" / "model.safetensors"
+    ck.write_bytes(ck.read_bytes()[:100])
+    n = len(tp.executions(project))
+    capsys.readouterr()
+    assert run() == 0
+    out = capsys.readouterr().out
+    assert "finetune/checkpoint-4/model.safetensors changed size" in out and "diff/results.json changed size" in out
+    assert [e["stage"] for e in tp.executions(project)[n:]] == ["finetune", "diff"]   # same keys: the rest is done
+    assert (folder / "diff" / "results.json").read_text() == good and len(ck.read_bytes()) == 256 * 64
+    m = len(tp.executions(project))
+    assert run() == 0 and len(tp.executions(project)) == m                    # verified again: all done
+
+
+# 5. one process per run folder ---------------------------------------------------------------------------------------
+
+def test_a_second_run_on_a_locked_folder_says_who_holds_it_and_exits(project, capsys):
+    assert run() == 0
+    folder = tp.folder_of(project)
+    before = folder_hash(folder)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom summcircuit.core import folder_lock\n"
+                               f"with folder_lock({str(folder)!r}, 'summcircuit run --config fake'):\n"
+                               "    print('held', flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        capsys.readouterr()
+        assert run("--set", "diff.n_examples=5") == 2
+        err = capsys.readouterr().err.strip()
+        assert f"pid {holder.pid}" in err and "summcircuit run --config fake" in err and len(err.splitlines()) == 1
+        assert folder_hash(folder) == before
+    finally:
+        holder.kill(); holder.wait()                                          # kill -9: the OS releases the lock
+    assert run("--set", "diff.n_examples=5") == 0
+
+
+# 6. smaller ones -----------------------------------------------------------------------------------------------------
+
+def test_the_interrupt_hint_is_the_exact_command(project, capsys, monkeypatch):
+    import summcircuit.pipeline as pl
+    def interrupted(*a, **k): raise KeyboardInterrupt
+    monkeypatch.setattr(pl, "run_pipeline", interrupted)
+    args = ["run", "--config", "fake", "--name", "n1", "--runs-root", str(project / "elsewhere"), "--set",
+            "diff.n_examples=5", "--no-report"]
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert f"rerun `summcircuit run --config fake --name n1 --runs-root {project / 'elsewhere'} --set diff.n_examples=5 " \
+           "--no-report` to resume" in err
+
+
+def test_a_run_name_must_stay_inside_the_runs_folder(project, capsys):
+    for name in ("../x", "a/b", ".hidden", ".."):
+        assert run("--name", name) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"name={name!r} is not allowed" in err and len(err.splitlines()) == 1
+    assert not (project / "x").exists() and not (project / "runs").exists()
+    assert tp.executions(project) == []
+
+
+def test_a_malformed_configuration_and_a_read_only_run_folder_give_one_line(project, capsys, monkeypatch):
+    (project / "configs" / "broken.yaml").write_text("name: broken\nmodel: [tiny-llama\ndataset: synthetic\n")
+    assert main(["run", "--config", "broken", "--no-report"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "broken.yaml is not valid YAML (line" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert run() == 0
+    folder = tp.folder_of(project)
+    before = folder_hash(folder)
+    if os.geteuid() == 0:                                                     # root writes anywhere: simulate it
+        import summcircuit.pipeline as pl
+        def read_only(folder, command=""): raise PermissionError(13, "Permission denied", str(Path(folder) / ".lock"))
+        monkeypatch.setattr(pl, "folder_lock", read_only, raising=False)
+    else:
+        for p in [folder, *folder.rglob("*")]: p.chmod(0o555 if p.is_dir() else 0o444)
+    try:
+        capsys.readouterr()
+        assert run("--set", "diff.n_examples=5") == 2
+        err = capsys.readouterr().err.strip()
+        assert "Permission denied" in err and "read-only" in err and len(err.splitlines()) == 1
+    finally:
+        for p in [folder, *folder.rglob("*")]: p.chmod(0o755 if p.is_dir() else 0o644)
+    assert folder_hash(folder) == before
+
+
+def test_verifying_a_finished_run_is_cheap(project):
+    "Rerun of a finished run: every job's outputs verified; the time goes into the test log."
+    assert run() == 0
+    t0 = time.perf_counter()
+    from summcircuit.pipeline import plan_stage
+    cfg = load_config("fake")
+    keys, n = {}, 0
+    for stage in STAGES:
+        jobs = plan_stage(stage, cfg, tp.folder_of(project), project / "nbs", keys)
+        for job in jobs: assert job.is_done(), job.id; n += 1
+        from summcircuit.core import content_hash
+        keys[stage.name] = content_hash(sorted(j.key for j in jobs))
+    print(f"planned and verified {n} jobs in {time.perf_counter() - t0:.2f} s")
