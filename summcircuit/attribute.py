@@ -209,6 +209,11 @@ class Attribution:
         "Per pair, the input node's edge scores over the gap they should add up to (1 for exact integrated gradients)."
         return [r / g if g else float("nan") for r, g in zip(self.input_row, self.gaps)]
     @property
+    def total_completeness(self) -> float:
+        "Σ input-row sums over Σ gaps: completeness of the average, stable where single pairs have near-zero gaps."
+        gap = sum(self.gaps)
+        return sum(self.input_row) / gap if gap else float("nan")
+    @property
     def node_scores(self) -> torch.Tensor:
         "Score of each source node `[n_sources]`: the sum of its outgoing edges (over all spans)."
         return self.graph.stacked(self.scores).sum((0, 2))
