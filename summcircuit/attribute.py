@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .core import load_json, load_tensors, save_json, save_tensors
 from .corrupt import pair_batches
 from .data import Batch
-from .graph import Graph, SpanLayout, node_outputs
+from .graph import Graph, SpanLayout, node_outputs, top_n_mask
 from .metrics import get_metric
 from .models import ArchSpec, LoadedModel, get_module
 
@@ -220,9 +220,8 @@ class Attribution:
 
     def top_edges(self, k: int = 10) -> list[tuple[str, float]]:
         "The `k` edges with the largest |score|, named."
-        flat = self.scores.flatten()
-        idx = flat.abs().topk(min(k, flat.numel())).indices
-        return [(self.graph.edge_name(*map(int, torch.unravel_index(i, self.scores.shape))), float(flat[i])) for i in idx]
+        idx = top_n_mask(self.scores, self.graph, k).nonzero().tolist()
+        return sorted(((self.graph.edge_name(*i), float(self.scores[tuple(i)])) for i in idx), key=lambda t: -abs(t[1]))
 
     def save(self, folder: str | Path) -> Path:
         "Write `scores.safetensors` and `attribution.json` into `folder` (atomically)."

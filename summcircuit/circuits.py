@@ -18,12 +18,12 @@ from .attribute import Attribution, attribute
 from .core import load_json, load_tensors, save_json, save_tensors
 from .corrupt import pair_batches
 from .data import Batch
-from .graph import Graph, node_outputs, run_with_patched_edges
+from .graph import Graph, check_scores, node_outputs, run_with_patched_edges, top_n_mask
 from .metrics import get_metric, needs_clean
 from .models import LoadedModel
 
 # %% auto #0
-__all__ = ['FRACTIONS', 'read_by', 'readers', 'prune', 'top_n_mask', 'top_n_circuit', 'greedy_circuit', 'Baselines', 'PatchBatch',
+__all__ = ['FRACTIONS', 'read_by', 'readers', 'prune', 'top_n_circuit', 'greedy_circuit', 'Baselines', 'PatchBatch',
            'patch_batches', 'as_patch_batches', 'circuit_metrics', 'circuit_metric', 'baselines', 'faithfulness',
            'faithfulness_interval', 'area', 'random_circuit', 'FaithfulnessCurve', 'faithfulness_curve', 'jaccard',
            'split_halves', 'robustness', 'edge_effects', 'exact_agreement', 'circuit_nodes', 'compare_circuits',
@@ -59,21 +59,6 @@ def prune(circuit: torch.Tensor, graph: Graph) -> torch.Tensor:
         c = pruned
 
 # %% ../nbs/08_circuits.ipynb #aa094000
-def _check_scores(scores: torch.Tensor) -> None:
-    if torch.isnan(scores).any():
-        raise ValueError(f"{int(torch.isnan(scores).sum())} edge scores are NaN: the attribution failed (NaN weights or "
-                         "an empty target?); recompute it before selecting a circuit.")
-
-def top_n_mask(scores: torch.Tensor, graph: Graph, n: int, absolute: bool = True,
-               among: torch.Tensor | None = None) -> torch.Tensor:
-    "The `n` edges (of those in `among`, default all) with the largest |score| (or score), unpruned; NaN is refused."
-    _check_scores(scores)
-    allowed = graph.edges.to(scores.device) & (True if among is None else among.to(scores.device))
-    key = (scores.abs() if absolute else scores).masked_fill(~allowed, -math.inf)
-    mask = torch.zeros(key.numel(), dtype=torch.bool, device=scores.device)
-    mask[key.flatten().topk(max(0, min(n, int(allowed.sum())))).indices] = True
-    return mask.view(key.shape)
-
 def top_n_circuit(scores: torch.Tensor, graph: Graph, n: int, absolute: bool = True,
                   keep: torch.Tensor | None = None) -> torch.Tensor:
     "The `n` edges with the largest |score| (or score, `absolute=False`), pruned; edges in `keep` are always in."
@@ -82,7 +67,7 @@ def top_n_circuit(scores: torch.Tensor, graph: Graph, n: int, absolute: bool = T
 
 def greedy_circuit(scores: torch.Tensor, graph: Graph, n: int, absolute: bool = True) -> torch.Tensor:
     "Grow `n` edges backwards from the logits, each into a destination read by a node already in the circuit; prune."
-    _check_scores(scores)
+    check_scores(scores)
     key = graph.stacked(scores.abs() if absolute else scores).masked_fill(~graph.stacked(graph.edges).to(scores.device), -math.inf)
     S, n_src, n_dst = key.shape
     circuit = torch.zeros_like(key, dtype=torch.bool)

@@ -4,6 +4,7 @@
 
 # %% ../nbs/06_graph.ipynb #d2af4434
 from __future__ import annotations
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -13,8 +14,8 @@ from .data import ROLES, Batch, check_aligned
 from .models import ArchSpec, LoadedModel, get_module
 
 # %% auto #0
-__all__ = ['SPAN_SCHEMAS', 'Graph', 'SpanLayout', 'head_contributions', 'node_outputs', 'patched_inputs', 'project_qkv',
-           'run_with_patched_edges']
+__all__ = ['SPAN_SCHEMAS', 'Graph', 'SpanLayout', 'check_scores', 'top_n_mask', 'head_contributions', 'node_outputs',
+           'patched_inputs', 'project_qkv', 'run_with_patched_edges']
 
 # %% ../nbs/06_graph.ipynb #024305b1
 SPAN_SCHEMAS = ("none", "roles", "tokens")
@@ -236,6 +237,24 @@ class SpanLayout:
         "`[..., b * pos, d]` in span order → `[..., b, pos, d]`."
         if self.order is not None: x = x.index_select(-2, self.inverse.to(x.device))
         return x.unflatten(-2, self.shape)
+
+# %% ../nbs/06_graph.ipynb #8d49d6c0
+def check_scores(scores: torch.Tensor) -> None:
+    "Raise when edge `scores` hold NaN (a failed attribution), which `topk` would rank first."
+    if torch.isnan(scores).any():
+        raise ValueError(f"{int(torch.isnan(scores).sum())} edge scores are NaN: the attribution failed (NaN weights or "
+                         "an empty target?); recompute it before selecting a circuit.")
+
+def top_n_mask(scores: torch.Tensor, graph: Graph, n: int, absolute: bool = True,
+               among: torch.Tensor | None = None) -> torch.Tensor:
+    "The `n` edges (of those in `among`, default all) with the largest |score| (or score), unpruned; NaN is refused."
+    check_scores(scores)
+    allowed = graph.edges.to(scores.device) & (True if among is None else among.to(scores.device))
+    key = (scores.abs() if absolute else scores).masked_fill(~allowed, -math.inf)
+    mask = torch.zeros(key.numel(), dtype=torch.bool, device=scores.device)
+    mask[key.flatten().topk(max(0, min(n, int(allowed.sum())))).indices] = True
+    return mask.view(key.shape)
+
 
 # %% ../nbs/06_graph.ipynb #51cabf09
 def head_contributions(spec: ArchSpec, hf, l: int, z: torch.Tensor) -> torch.Tensor:
