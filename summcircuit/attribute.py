@@ -23,7 +23,7 @@ from .models import ArchSpec, LoadedModel, get_module
 # %% auto #0
 __all__ = ['QK_SCALE', 'V_SCALE', 'GATE_SCALE', 'METHODS', 'IG_RULES', 'COMPLETENESS_TOLERANCE', 'GIM', 'as_gim',
            'frozen_parameters', 'destination_gradients', 'logits_with_gim', 'edge_scores', 'Attribution',
-           'load_attribution', 'ig_alphas', 'attribute']
+           'load_attribution', 'check_finite_weights', 'ig_alphas', 'attribute']
 
 # %% ../nbs/07_attribute.ipynb #9e09ada0
 @dataclass(frozen=True)
@@ -248,6 +248,25 @@ def _check_options(method: str, ig_steps, ig_rule: str) -> None:
         raise ValueError(f"ig_steps must be a whole number >= 1, got {ig_steps!r}.")
     if ig_rule not in IG_RULES: raise ValueError(f"Unknown ig_rule {ig_rule!r}: use one of {IG_RULES}.")
 
+def check_finite_weights(lm: LoadedModel, stage: str = "attribution") -> None:
+    "Refuse a model with NaN or infinite weights (a diverged fine-tune): every score would be NaN."
+    bad = [name for name, p in lm.hf.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise ValueError(f"Stage {stage}: the model {lm.name or ''} has NaN/inf weights in {len(bad)} tensors ({', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}): the checkpoint is broken (diverged training?); use an "
+                         "earlier checkpoint or rerun fine-tuning with a lower learning rate.")
+
+def _check_metric(m_clean: torch.Tensor, m_corr: torch.Tensor, clean: Batch) -> None:
+    "Refuse a non-finite metric on the clean or the corrupted run, naming the documents."
+    bad = (~torch.isfinite(m_clean) | ~torch.isfinite(m_corr)).nonzero().flatten().tolist()
+    if bad:
+        ids = [clean.ids[i] if clean.ids else i for i in bad]
+        empty = [d for i, d in zip(bad, ids) if not clean.target_mask[i].any()]
+        raise ValueError(f"Stage attribution: the metric is not finite (NaN/inf) on documents {ids[:5]}"
+                         + (f"; {empty[:5]} have an empty target (no summary tokens): drop them or raise max_source_tokens/"
+                            "the context so their summary fits" if empty else
+                            ": NaN weights or overflowing activations; check the model (an earlier checkpoint) and the pairs") + ".")
+
 def ig_alphas(ig_steps: int, ig_rule: str = "left") -> list[float]:
     "The interpolation points α_k of EAP-IG: k/m (left Riemann sum) or (k + ½)/m (midpoint), k = 0…m−1."
     return [(k + (0.5 if ig_rule == "midpoint" else 0.0)) / ig_steps for k in range(ig_steps)]
@@ -266,6 +285,7 @@ def attribute(lm: LoadedModel, pairs: Sequence, method: str = "eap-ig", ig_steps
     `spans`: a span schema (`"none"`, `"roles"`, `"tokens"`) or a ready `Graph`; `metric`: a name of
     `summcircuit.metrics.METRICS` or a function `(logits, batch, clean_logits) -> [batch]`."""
     _check_options(method, ig_steps, ig_rule)
+    check_finite_weights(lm, "attribution")
     metric_fn, gim = get_metric(metric), as_gim(gim)
     batches = pair_batches(pairs, lm.tokenizer.pad_token_id, batch_size)
     graph = _graph_for(lm, spans, batches)
@@ -276,6 +296,8 @@ def attribute(lm: LoadedModel, pairs: Sequence, method: str = "eap-ig", ig_steps
         layout = SpanLayout.of(graph, clean)
         z_clean, logits_clean = node_outputs(lm, clean, return_logits=True)
         z_corr, logits_corr = node_outputs(lm, corr, return_logits=True)
+        mc, mk = metric_fn(logits_clean, clean, logits_clean), metric_fn(logits_corr, clean, logits_clean)
+        _check_metric(mc, mk, clean)
         emb_clean, emb_corr = z_clean[0].clone(), z_corr[0].clone()      # the input node's output: the embeddings
         delta = z_clean.sub_(z_corr).mul_(clean.attention_mask[None, :, :, None])   # in place: memory stays bounded
         del z_clean, z_corr
@@ -289,11 +311,15 @@ def attribute(lm: LoadedModel, pairs: Sequence, method: str = "eap-ig", ig_steps
                 grads = destination_gradients(lm, clean, gim, graph, layer0_input=e, out=grads, weight=1 / ig_steps, **kw)[0]
         input_row += (delta[0] * grads.sum(0)).sum((-2, -1)).tolist()   # before edge_scores sorts them in place
         total += edge_scores(graph, delta, grads, layout)
-        m_clean += metric_fn(logits_clean, clean, logits_clean).tolist()
-        m_corr += metric_fn(logits_corr, clean, logits_clean).tolist()
+        m_clean += mc.tolist()
+        m_corr += mk.tolist()
         del delta, grads
         gc.collect()
     n = len(m_clean)
+    if bad := int((~torch.isfinite(total)).sum()):
+        raise ValueError(f"Stage attribution: {bad} edge scores are not finite (NaN/inf gradients) although the metric "
+                         "is finite: the model's activations overflow (NaN weights, or a dtype too narrow); load the "
+                         "model in float32 or use an earlier checkpoint.")
     att = Attribution((total / n).cpu(), graph, method, ig_steps if method == "eap-ig" else 0, gim, n,
                       sum(m_clean) / n, sum(m_corr) / n, metric if isinstance(metric, str) else metric_fn.__name__, ig_rule,
                       input_row, [a - b for a, b in zip(m_clean, m_corr)])

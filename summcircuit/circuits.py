@@ -411,10 +411,16 @@ def save_circuit(folder: str | Path, att: Attribution, circuit: torch.Tensor, st
     return save_json(folder / "circuit.json", {"step": step, "n_edges": len(edges), "nodes": nodes, "edges": edges,
                                                "layer_profile": layer_profile(circuit, att.scores, g), **results})
 
-def load_circuit_snapshots(circuits_folder: str | Path, graph: Graph) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-    "`(step, circuit, scores)` of every checkpoint folder under `circuits_folder`, sorted by step."
+def load_circuit_snapshots(circuits_folder: str | Path, graph: Graph,
+                           steps: Sequence[int] | None = None) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """`(step, circuit, scores)` of the checkpoints `steps` (the run's circuits jobs; None: every `step-*` folder
+    under `circuits_folder`, for hand runs), sorted by step. A listed step without its circuit is an error."""
     out = []
-    for f in sorted(Path(circuits_folder).glob("step-*")):
+    if steps is not None:
+        if missing := [s for s in steps if not (Path(circuits_folder) / f"step-{s}" / "circuit.json").exists()]:
+            raise FileNotFoundError(f"No circuit of steps {missing} under {circuits_folder}: their circuits jobs did not finish.")
+    folders = sorted(Path(circuits_folder).glob("step-*")) if steps is None else [Path(circuits_folder) / f"step-{s}" for s in steps]
+    for f in folders:
         if not (f / "circuit.json").exists(): continue
         c = load_tensors(f / "circuit.safetensors")["circuit"]
         if tuple(c.shape) != graph.shape: raise ValueError(f"{f} holds a circuit of another graph {tuple(c.shape)}, not {graph.shape}.")

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['FULL_HASH_LIMIT', 'SAMPLE_BYTES', 'resolve_device', 'seed_everything', 'cache_dir', 'run_dir', 'atomic_path',
-           'atomic_write', 'save_json', 'load_json', 'save_tensors', 'load_tensors', 'content_hash', 'file_fingerprint',
-           'fingerprint_problem', 'FolderLocked', 'folder_lock', 'hub_reachable', 'hub_offline']
+__all__ = ['FULL_HASH_LIMIT', 'SAMPLE_BYTES', 'FINISHED', 'resolve_device', 'seed_everything', 'cache_dir', 'run_dir',
+           'atomic_path', 'atomic_write', 'save_json', 'load_json', 'save_tensors', 'load_tensors', 'content_hash',
+           'file_fingerprint', 'fingerprint_problem', 'RecordedJob', 'recorded_jobs', 'FolderLocked', 'folder_lock',
+           'hub_reachable', 'hub_offline']
 
 # %% ../nbs/00_core.ipynb #e662495f
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -91,10 +92,12 @@ def save_json(path: str | Path, obj: Any) -> Path:
     return atomic_write(path, json.dumps(_to_jsonable(obj), indent=1, sort_keys=False))
 
 def load_json(path: str | Path) -> Any:
-    "Read a JSON artifact, naming the file when it is missing."
+    "Read a JSON artifact, naming the file when it is missing or damaged."
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f"Artifact {path} does not exist: run the stage that writes it first.")
-    return json.loads(path.read_text())
+    try: return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"Artifact {path} is damaged (not valid JSON: {e}); delete it and rerun the stage that writes it.") from e
 
 # %% ../nbs/00_core.ipynb #bd8ca32f
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
@@ -108,7 +111,10 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[s
     "Read a safetensors artifact."
     from safetensors.torch import load_file
     if not Path(path).exists(): raise FileNotFoundError(f"Artifact {path} does not exist: run the stage that writes it first.")
-    return load_file(str(path), device=str(device))
+    try: return load_file(str(path), device=str(device))
+    except Exception as e:                       # truncated or not a safetensors file: name it
+        raise ValueError(f"Artifact {path} is damaged (truncated or not a safetensors file: {e}); delete it and rerun "
+                         "the stage that writes it (`summcircuit run` reruns a job whose outputs changed).") from e
 
 # %% ../nbs/00_core.ipynb #a51f709d
 def content_hash(*objs: Any, length: int = 16) -> str:
@@ -151,6 +157,46 @@ def fingerprint_problem(path: str | Path, recorded: dict[str, Any]) -> str | Non
     if st.st_mtime_ns == recorded.get("mtime_ns"): return None
     return None if _sha256(path, SAMPLE_BYTES) == recorded.get("sampled_sha256") else "changed content (its hash differs)"
 
+
+# %% ../nbs/00_core.ipynb #137807cc
+FINISHED = ("ran", "cached")                     # job statuses whose results are this run's
+
+@dataclasses.dataclass
+class RecordedJob:
+    "One job of a run as its `pipeline.json` records it: status, results folder, checkpoint step."
+    stage: str
+    job: str
+    title: str
+    status: str                                  # 'ran', 'cached', 'failed', 'skipped'
+    folder: Path
+    step: int | None = None
+    reason: str = ""
+    executed: str = ""
+    @property
+    def finished(self) -> bool: return self.status in FINISHED
+
+def recorded_jobs(run_folder: str | Path, stage: str, finished: bool = False) -> list[RecordedJob]:
+    """The jobs of `stage` that the run's `pipeline.json` records, in pipeline order (`finished=True`: only those
+    that ran or were cached and whose `.done.json` is there with the recorded key). Later stages read results
+    only through these, never from a listing of folders, so a stale folder of an earlier run is never mixed in."""
+    run_folder = Path(run_folder)
+    record = run_folder / "pipeline.json"
+    if not record.exists():
+        raise FileNotFoundError(f"{record} does not exist: {run_folder} is not a pipeline run (`summcircuit run` writes it).")
+    out = []
+    for j in load_json(record).get("jobs", []):
+        if j.get("stage") != stage: continue
+        step = j.get("step")
+        rel = j.get("folder") or (f"{stage}/step-{step}" if step is not None and j["job"].endswith(f"_step-{step}") else stage)
+        rj = RecordedJob(stage, j["job"], j.get("title", j["job"]), j.get("status", ""), run_folder / rel, step,
+                         j.get("reason", ""), j.get("executed", ""))
+        if rj.finished:
+            done = rj.folder / ".done.json"
+            try: ok = done.exists() and (not j.get("key") or load_json(done).get("key") == j["key"])
+            except ValueError: ok = False
+            if not ok: rj.status, rj.reason = "missing", f"its record {done} is gone or belongs to another run"
+        if rj.finished or not finished: out.append(rj)
+    return out
 
 # %% ../nbs/00_core.ipynb #4ae49654
 class FolderLocked(RuntimeError):

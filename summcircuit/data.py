@@ -114,7 +114,11 @@ DATASETS = ("aclsum", "cnn_dailymail", "synthetic")
 
 def load_examples(dataset: str = "aclsum", split: str = "train", aspect: str = "outcome", n: int | None = None,
                   seed: int = 0) -> list[SummaryExample]:
-    "Load `n` examples of `split` from `dataset` (`aclsum`, `cnn_dailymail` or `synthetic`)."
+    "Load `n` examples (None: all) of `split` from `dataset` (`aclsum`, `cnn_dailymail` or `synthetic`)."
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise ValueError(f"n must be >= 1 or None (every example), got n={n!r}.")
+    if dataset == "synthetic" and split not in ACLSUM_SPLITS:
+        raise ValueError(f"Synthetic split {split!r} does not exist: use one of {ACLSUM_SPLITS}.")
     if dataset == "aclsum": return load_aclsum(split, aspect, n)
     if dataset == "cnn_dailymail": return load_cnn_dailymail({"val": "validation"}.get(split, split), n)
     if dataset == "synthetic": return synthetic_examples(n or 8, seed=seed + ACLSUM_SPLITS.index(split) * 1000)

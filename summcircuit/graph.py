@@ -14,8 +14,8 @@ from .data import ROLES, Batch, check_aligned
 from .models import ArchSpec, LoadedModel, get_module
 
 # %% auto #0
-__all__ = ['SPAN_SCHEMAS', 'Graph', 'SpanLayout', 'check_scores', 'top_n_mask', 'head_contributions', 'node_outputs',
-           'patched_inputs', 'project_qkv', 'run_with_patched_edges']
+__all__ = ['SPAN_SCHEMAS', 'Graph', 'SpanLayout', 'check_scores', 'top_n_mask', 'head_contributions', 'check_context',
+           'node_outputs', 'patched_inputs', 'project_qkv', 'run_with_patched_edges']
 
 # %% ../nbs/06_graph.ipynb #024305b1
 SPAN_SCHEMAS = ("none", "roles", "tokens")
@@ -263,9 +263,19 @@ def head_contributions(spec: ArchSpec, hf, l: int, z: torch.Tensor) -> torch.Ten
     b = spec.b_O(hf, l)
     return out if b is None else out + b / spec.n_heads
 
+def check_context(spec: ArchSpec, batch: Batch) -> None:
+    "Refuse a batch with a prompt longer than the model's context (else a bare index error deep in the model)."
+    if batch.input_ids.shape[1] <= spec.n_ctx: return
+    lengths = batch.attention_mask.sum(1)
+    i = int(lengths.argmax())
+    raise ValueError(f"Document {batch.ids[i] if batch.ids else i!r}: prompt of {int(lengths[i])} tokens exceeds the "
+                     f"model's context of {spec.n_ctx}; build prompts with build_prompt(..., max_length=lm.spec.n_ctx) "
+                     "and lower max_source_tokens.")
+
 def node_outputs(lm: LoadedModel, batch: Batch, return_logits: bool = False):
     "Every source node's output on `batch`, `[n_sources, batch, pos, d_model]`, in source order (and the logits)."
     model, spec = lm.model, lm.spec
+    check_context(spec, batch)
     batch = batch.to(lm.device)
     with torch.no_grad(), model.trace(batch.input_ids, attention_mask=batch.attention_mask):
         outs = [spec.resid_pre(model, 0)[None]]

@@ -403,9 +403,17 @@ def critical_layers_of_run(run_folder: str | Path) -> list[int]:
     return [int(l) for l in load_json(path)["diff"]["critical_layers"]]
 
 def circuit_selection_of_run(run_folder: str | Path, k: int = 3, mode: str = "layers") -> list:
-    "The circuit of the run's last analysed checkpoint: its top-`k` layers by score mass, or its heads as (layer, head)."
+    """The circuit of the run's last analysed checkpoint: its top-`k` layers by score mass, or its heads as (layer, head).
+    In a pipeline run, the last of the circuits jobs its `pipeline.json` records (a stale `step-*` folder is never read)."""
     import re
-    folders = sorted(Path(run_folder).glob("circuits/step-*/circuit.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    from summcircuit.core import recorded_jobs
+    if (Path(run_folder) / "pipeline.json").exists():
+        jobs = recorded_jobs(run_folder, "circuits")
+        if jobs and not jobs[-1].finished:
+            raise ValueError(f"The circuits job {jobs[-1].job} of this run {jobs[-1].status} ({jobs[-1].reason}): rerun the "
+                             "circuits stage, or pass the circuit yourself (-p circuit ...).")
+        folders = [j.folder / "circuit.json" for j in jobs]
+    else: folders = sorted(Path(run_folder).glob("circuits/step-*/circuit.json"), key=lambda p: int(p.parent.name.split("-")[1]))
     if not folders:
         raise FileNotFoundError(f"No circuit under {Path(run_folder) / 'circuits'}: run the circuit stage "
                                 f"(nbs/08_circuits.ipynb) for this run first, or pass the circuit yourself (-p circuit ...).")

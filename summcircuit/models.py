@@ -18,10 +18,11 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, Llama
 from .core import atomic_path, cache_dir, hub_offline, hub_reachable, resolve_device
 
 # %% auto #0
-__all__ = ['LLAMA_FAMILY', 'EOT', 'TINY_CONFIGS', 'SMOLLM2_GGUF', 'INSTALL_SMOLLM2', 'EMBEDDED', 'WEIGHT_FILES', 'get_module',
-           'ArchSpec', 'resid_pre', 'qkv', 'set_qkv', 'pattern', 'z', 'resid_mid', 'mlp_post', 'mlp_out', 'resid_post',
-           'resid_final', 'attn_source', 'attn_softmax', 'W_QKV', 'b_QKV', 'W_O', 'b_O', 'norm_module', 'apply_norm',
-           'norm_vjp', 'arch_spec', 'byte_tokenizer', 'tiny_model', 'smollm2_gguf_folder', 'LoadedModel', 'load_model']
+__all__ = ['LLAMA_FAMILY', 'EOT', 'TINY_CONFIGS', 'SMOLLM2_GGUF', 'INSTALL_SMOLLM2', 'EMBEDDED', 'WEIGHT_FILES',
+           'TOKENIZER_FILES', 'get_module', 'ArchSpec', 'resid_pre', 'qkv', 'set_qkv', 'pattern', 'z', 'resid_mid',
+           'mlp_post', 'mlp_out', 'resid_post', 'resid_final', 'attn_source', 'attn_softmax', 'W_QKV', 'b_QKV', 'W_O',
+           'b_O', 'norm_module', 'apply_norm', 'norm_vjp', 'arch_spec', 'byte_tokenizer', 'tiny_model',
+           'smollm2_gguf_folder', 'LoadedModel', 'load_model']
 
 # %% ../nbs/01_models.ipynb #f1b36c5a
 def get_module(root: Any, path: str) -> Any:
@@ -300,6 +301,7 @@ def _load_smollm2(cache: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase
 # %% ../nbs/01_models.ipynb #b117023e
 EMBEDDED = {"smollm2-135m"}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt")   # one holds the vocabulary
 
 @dataclass
 class LoadedModel:
@@ -324,6 +326,10 @@ def _from_folder_or_hub(name: str, dtype) -> tuple[PreTrainedModel, PreTrainedTo
         if not (path / "config.json").exists() or not any((path / f).exists() for f in WEIGHT_FILES):
             raise FileNotFoundError(f"Folder {path} has no model weights (config.json and one of {WEIGHT_FILES}): "
                                     "pass a folder written by `save_pretrained`, a checkpoint folder, or a hub name.")
+        if not any((path / f).exists() for f in TOKENIZER_FILES):     # else a one-token vocabulary, empty prompts
+            raise FileNotFoundError(f"Folder {path} has model weights but no tokenizer files (none of {TOKENIZER_FILES}): "
+                                    "save the tokenizer there too (`tokenizer.save_pretrained(folder)`) or copy the base "
+                                    "model's tokenizer files into it.")
     elif name.startswith((".", "/", "~")):
         raise FileNotFoundError(f"Model folder {name!r} does not exist.")
     src = str(path) if path.is_dir() else name

@@ -242,6 +242,7 @@ class Stage:
     own_run: bool = False                      # per-checkpoint jobs run as sub-runs step-<k> of runs/<run>/<name>/
     fixed: dict[str, Any] = field(default_factory=dict)
     last: dict[str, Any] = field(default_factory=dict)   # parameters of the last checkpoint's job only
+    steps_param: str | None = None             # parameter of the last job taking the steps of all the stage's jobs
 
 STAGES: tuple[Stage, ...] = (
     Stage("finetune", "03_finetune.ipynb", "Fine-tuning with checkpoints"),
@@ -255,7 +256,7 @@ STAGES: tuple[Stage, ...] = (
           checkpoints="between", checkpoint_param="checkpoint_b", own_run=True),
     Stage("circuits", "08_circuits.ipynb", "Circuits per checkpoint", after=("finetune", "corrupt"),
           checkpoints="each", checkpoint_param="checkpoint", step_param="step",
-          last={"evolution": True, "check_robustness": True, "compare_setups": True}),
+          last={"evolution": True, "check_robustness": True, "compare_setups": True}, steps_param="evolution_steps"),
     Stage("peft", "09_peft.ipynb", "PEFT bake-off", after=("finetune", "diff", "circuits")),
 )
 
@@ -400,6 +401,8 @@ def plan_stage(stage: Stage, cfg: RunConfig, run_folder: Path, nbs_dir: Path, up
                             run_folder / f"{stem}_step-{ck.step}.ipynb", ck.step, env))
     if jobs and stage.last:                  # e.g. the evolution comparison, on the last checkpoint, across all of them
         jobs[-1].params.update(stage.last)
+    if jobs and stage.steps_param and stage.steps_param in (notebook_parameters(notebook) or {}):
+        jobs[-1].params[stage.steps_param] = [j.step for j in jobs]   # this run's checkpoints, never a folder listing
     for i, job in enumerate(jobs):
         job.upstream = deps | ({"earlier checkpoints": content_hash([j.key for j in jobs[:i]])} if stage.last and i == len(jobs) - 1 else {})
         job.key = job_key(job.params, job.upstream, notebook, run_folder)
@@ -561,6 +564,7 @@ class JobRecord:
     key: str = ""
     step: int | None = None
     reason: str = ""
+    folder: str = ""                           # its results folder, relative to the run folder
 
 @dataclass
 class PipelineResult:
@@ -628,7 +632,7 @@ def _run_locked(cfg: RunConfig, runs: Path, run_folder: Path, stages: Sequence[S
         for j, job in enumerate(jobs, 1):
             sub = f"{head} {job.title}" + (f" ({j}/{len(jobs)})" if len(jobs) > 1 else "")
             rec = JobRecord(stage.name, job.id, job.title, "cached", str(job.executed.relative_to(run_folder)), key=job.key,
-                            step=job.step)
+                            step=job.step, folder=job.folder.relative_to(run_folder).as_posix())
             done, damaged = job.check_done()
             if done:
                 rec.seconds = load_json(job.done_file).get("seconds", 0.0)

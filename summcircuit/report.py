@@ -13,17 +13,17 @@ import nbformat
 import pandas as pd
 import yaml
 
-from .core import atomic_write, load_json, save_json
+from .core import RecordedJob, atomic_write, load_json, recorded_jobs, save_json
 from .pipeline import project_root
 
 # %% auto #0
-__all__ = ['QUESTIONS', 'SITE_TEMPLATE', 'SITE_CSS', 'SITE_MARKER', 'Run', 'load_run', 'checkpoint_table', 'diff_results',
-           'entropy_share', 'causal_rows', 'circuit_results', 'run_spec', 'circuit_evolution', 'find_key', 'new_page',
-           'add_markdown', 'add_outputs', 'png_output', 'table_output', 'figure_png', 'front_matter', 'clean_notebook',
-           'headline_findings', 'stage_list', 'home_page', 'evolution_figures', 'evolution_page', 'bakeoff_page',
-           'run_figures', 'figures_page', 'compare_page', 'api_summary', 'api_page', 'stage_site', 'relink_pages',
-           'NavItem', 'site_navigation', 'site_pages', 'math_to_mathml', 'render_offline', 'render_with_quarto',
-           'check_site_folder', 'render_report']
+__all__ = ['QUESTIONS', 'SITE_TEMPLATE', 'SITE_CSS', 'SITE_MARKER', 'Run', 'load_run', 'checkpoint_table', 'stage_jobs',
+           'unfinished', 'final_diff', 'diff_results', 'entropy_share', 'causal_rows', 'circuit_results', 'run_spec',
+           'circuit_evolution', 'find_key', 'new_page', 'add_markdown', 'add_outputs', 'png_output', 'table_output',
+           'figure_png', 'front_matter', 'clean_notebook', 'headline_findings', 'stage_list', 'home_page',
+           'evolution_figures', 'evolution_page', 'bakeoff_page', 'run_figures', 'figures_page', 'compare_page',
+           'api_summary', 'api_page', 'stage_site', 'relink_pages', 'NavItem', 'site_navigation', 'site_pages',
+           'math_to_mathml', 'render_offline', 'render_with_quarto', 'check_site_folder', 'render_report']
 
 # %% ../nbs/11_report.ipynb #eec5425c
 @dataclass
@@ -68,16 +68,34 @@ def checkpoint_table(run: Run) -> pd.DataFrame | None:
     if not cks: return None
     return pd.DataFrame([{"step": c["step"], "val_loss": c.get("val_loss")} for c in cks]).sort_values("step")
 
+def stage_jobs(run: Run, stage: str, finished: bool = False) -> list[RecordedJob]:
+    "The jobs of `stage` that the run's `pipeline.json` records (`finished`: only those whose results are this run's)."
+    return recorded_jobs(run.folder, stage, finished)
+
+def unfinished(run: Run, *stages: str) -> list[str]:
+    "One line per recorded job of `stages` that did not finish (failed, skipped, results missing), for the pages."
+    return [f"{j.title}: {j.status}" + (f" ({j.reason.splitlines()[0][:200]})" if j.reason else "")
+            for s in stages for j in stage_jobs(run, s) if not j.finished]
+
+def final_diff(run: Run) -> tuple[dict | None, str]:
+    "The base-vs-final differential analysis (the `diff` job) and its status: never a per-checkpoint one in its place."
+    jobs = stage_jobs(run, "diff")
+    if not jobs: return None, "did not run in this run"
+    j = jobs[-1]
+    if not j.finished: return None, j.status + (f" ({j.reason.splitlines()[0][:200]})" if j.reason else "")
+    p = j.folder / "results.json"
+    return (load_json(p), "finished") if p.exists() else (None, "finished without results.json")
+
 def diff_results(run: Run) -> dict[int, dict]:
-    "The differential analyses of the run by checkpoint step: base vs final (`diff/`) and vs each checkpoint."
+    """The differential analyses of the run by checkpoint step: vs each checkpoint (`diff_checkpoints`) and base vs
+    final (`diff`), only from the finished jobs this run records."""
     out: dict[int, dict] = {}
-    for p in sorted(run.folder.glob("diff_checkpoints/step-*/diff/results.json")):
-        step = int(re.fullmatch(r"step-(\d+)", p.parent.parent.name).group(1))
-        out[step] = load_json(p)
-    final = run.json("diff", "results.json")
+    for j in stage_jobs(run, "diff_checkpoints", finished=True):
+        if (p := j.folder / "diff" / "results.json").exists(): out[j.step] = load_json(p)
+    final, _ = final_diff(run)
     if final is not None:
-        cks = checkpoint_table(run)
-        out[int(cks.step.max()) if cks is not None else -1] = final
+        step = stage_jobs(run, "diff")[-1].step
+        out[-1 if step is None else step] = final
     return dict(sorted(out.items()))
 
 def entropy_share(result: dict, kind: str = "raw") -> tuple[float, float, float] | None:
@@ -93,11 +111,10 @@ def causal_rows(result: dict) -> pd.DataFrame | None:
     return pd.DataFrame([{k: r.get(k) for k in keep if k in r} for r in rows])
 
 def circuit_results(run: Run) -> dict[int, dict]:
-    "The circuit stage's summaries by checkpoint step (`circuits/step-<k>/circuit.json`)."
+    "The circuit stage's summaries by checkpoint step (`circuits/step-<k>/circuit.json`) of the finished jobs this run records."
     out: dict[int, dict] = {}
-    for p in run.folder.glob("circuits/step-*/circuit.json"):
-        m = re.fullmatch(r"step-(\d+)", p.parent.name)
-        if m: out[int(m.group(1))] = load_json(p)
+    for j in stage_jobs(run, "circuits", finished=True):
+        if (p := j.folder / "circuit.json").exists(): out[j.step] = load_json(p)
     return dict(sorted(out.items()))
 
 def run_spec(run: Run):
@@ -112,14 +129,15 @@ def run_spec(run: Run):
 
 def circuit_evolution(run: Run) -> tuple[pd.DataFrame, bytes] | None:
     "The comparisons between checkpoints' circuits and their figure: the circuit stage's (`circuits/evolution.json`, `.png`), else computed with `summcircuit.circuits`."
-    saved = run.json("circuits", "evolution.json")
-    if saved and saved.get("table") and run.path("circuits", "evolution.png").exists():
+    steps = sorted(circuit_results(run))
+    saved = run.json("circuits", "evolution.json")            # only when it compares exactly this run's checkpoints
+    if saved and saved.get("table") and sorted(saved.get("steps") or []) == steps and run.path("circuits", "evolution.png").exists():
         return pd.DataFrame(saved["table"]), run.path("circuits", "evolution.png").read_bytes()
-    if len(circuit_results(run)) < 2 or (spec := run_spec(run)) is None: return None
+    if len(steps) < 2 or (spec := run_spec(run)) is None: return None
     from summcircuit.circuits import evolution_table, load_circuit_snapshots, plot_evolution
     from summcircuit.graph import Graph
     graph = Graph(spec)
-    snaps = load_circuit_snapshots(run.path("circuits"), graph)
+    snaps = load_circuit_snapshots(run.path("circuits"), graph, steps=steps)
     table = evolution_table(snaps, graph)
     return table, figure_png(plot_evolution(snaps, graph, table))
 
@@ -234,9 +252,11 @@ def headline_findings(run: Run) -> list[str]:
         parts = [f"{s} {r.loc[s, 'rougeL']:.3f}" + (f" [{r.loc[s, 'rougeL_low']:.3f}, {r.loc[s, 'rougeL_high']:.3f}]"
                  if "rougeL_low" in r else "") for s in r.index]
         out.append(f"**ROUGE-L F1** on {int(r['n'].iloc[0]) if 'n' in r else '?'} test documents: " + "; ".join(parts) + ".")
-    diffs = diff_results(run)
-    if diffs:
-        final = diffs[max(diffs)]
+    final, status = final_diff(run)                          # the base-vs-final job's result, never another in its place
+    if final is None and (stage_jobs(run, "diff") or diff_results(run)):
+        out.append(f"**Differential analysis** (base vs final): {status}; no finding is shown in its place"
+                   + (" (the per-checkpoint analyses that finished are on the evolution page)" if diff_results(run) else "") + ".")
+    if final is not None:
         d = final.get("diff", {})
         out.append(f"**Attention entropy**: the share of heads whose entropy dropped with fine-tuning is "
                    f"{_fmt_ci(entropy_share(final, 'raw'))} (normalized entropy: {_fmt_ci(entropy_share(final, 'normalized'))}). "
@@ -257,6 +277,8 @@ def headline_findings(run: Run) -> list[str]:
         if "jaccard_halves" in rob: parts.append(f"top-edge Jaccard across disjoint halves {rob['jaccard_halves']:.2f}")
         if "heldout_faithfulness" in rob: parts.append(f"held-out faithfulness {rob['heldout_faithfulness']:.2f}")
         out.append(f"**Circuits** were extracted at {len(circuits)} checkpoints; the final one: " + "; ".join(parts) + ".")
+    if bad := unfinished(run, "circuits"):
+        out.append("**Circuits** not finished in this run (no result shown for them): " + "; ".join(bad) + ".")
     bake = run.csv("peft", "bakeoff.csv")
     if bake is not None and "rougeL" in bake.columns:
         name_col = bake.columns[0]
@@ -340,6 +362,8 @@ def evolution_page(run: Run, pages: dict[str, str]) -> nbformat.NotebookNode:
     add_markdown(nb, "## Differential analysis against the base model\n\nEach checkpoint compared with the base model "
                      "(the final checkpoint is the main differential analysis).")
     diffs = diff_results(run)
+    if bad := unfinished(run, "diff_checkpoints", "diff"):
+        add_markdown(nb, "Not finished in this run (no result shown for them):\n\n" + "\n".join(f"- {b}" for b in bad))
     if not diffs: add_markdown(nb, "The differential analysis has not run.")
     else:
         rows = []
@@ -353,6 +377,8 @@ def evolution_page(run: Run, pages: dict[str, str]) -> nbformat.NotebookNode:
         for alt, png in evolution_figures(diffs): add_outputs(nb, png_output(png, alt))
     add_markdown(nb, "## The circuit at each checkpoint")
     circuits = circuit_results(run)
+    if bad := unfinished(run, "circuits"):
+        add_markdown(nb, "Not finished in this run (no result shown for them):\n\n" + "\n".join(f"- {b}" for b in bad))
     if not circuits:
         add_markdown(nb, "No per-checkpoint circuit results in this run (`circuits/step-<k>/circuit.json`).")
     else:

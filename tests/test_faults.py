@@ -297,3 +297,131 @@ def test_verifying_a_finished_run_is_cheap(project):
         from summcircuit.core import content_hash
         keys[stage.name] = content_hash(sorted(j.key for j in jobs))
     print(f"planned and verified {n} jobs in {time.perf_counter() - t0:.2f} s")
+
+
+# 3 (rest). NaN weights, a non-finite metric, NaN scores --------------------------------------------------------------
+
+@pytest.fixture
+def tiny_pairs():
+    from summcircuit.corrupt import build_pairs
+    from summcircuit.data import synthetic_examples
+    from summcircuit.models import load_model
+    lm = load_model("tiny-gpt2", device="cpu")
+    return lm, build_pairs(synthetic_examples(3, 3, seed=5), lm.tokenizer, max_length=lm.spec.n_ctx, progress=False)
+
+
+def test_attribution_stops_on_nan_weights_and_a_non_finite_metric(tiny_pairs):
+    import torch
+    from summcircuit.attribute import attribute
+    lm, pairs = tiny_pairs
+    def nan_metric(logits, batch, clean_logits): return torch.full((len(batch),), float("nan"))
+    with pytest.raises(ValueError, match=r"Stage attribution: the metric is not finite \(NaN/inf\) on documents \['syn-5-"):
+        attribute(lm, pairs, method="eap", progress=False, metric=nan_metric)
+    lm.hf.lm_head.weight.data[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"Stage attribution: the model tiny-gpt2 has NaN/inf weights in 1 tensors \(transformer.wte.weight\)"
+                                         r".*diverged training.*lower learning rate"):
+        attribute(lm, pairs, method="eap-ig", ig_steps=2, progress=False)
+
+
+def test_circuit_selection_and_circuit_metrics_refuse_nan(tiny_pairs):
+    import torch
+    from summcircuit.circuits import circuit_metrics, greedy_circuit, patch_batches, top_n_circuit
+    from summcircuit.graph import Graph
+    lm, pairs = tiny_pairs
+    graph = Graph(lm.spec)
+    scores = torch.randn(graph.shape)
+    scores.view(-1)[graph.edges.flatten().nonzero()[:3, 0]] = float("nan")
+    for select in (top_n_circuit, greedy_circuit):
+        with pytest.raises(ValueError, match=r"3 edge scores are NaN: the attribution failed \(NaN weights or an empty target\?\)"):
+            select(scores, graph, 5)
+    lm.hf.lm_head.weight.data[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"The metric is not finite on 3 pairs: NaN weights or a pair without target tokens"):
+        circuit_metrics(lm, patch_batches(lm, pairs), graph.edges, graph)
+
+
+# 4 (rest). Results come from this run's recorded jobs, never from a folder listing ---------------------------------
+
+CIRCUITS = (tp.COMMON + "checkpoint = None\nstep = 0\nevolution = False\nevolution_steps = None\n",
+            tp.PRELUDE + "log('circuits', step=step, evolution=evolution, evolution_steps=evolution_steps)\n"
+                         "write(f'circuits/step-{step}/circuit.json', {'step': step, 'nodes': [f'a{step}.h0'], "
+                         "'layer_profile': [0.0, 1.0], 'n_edges': 1})")
+
+
+def test_stale_circuits_of_an_earlier_checkpoints_choice_are_never_read(project):
+    from summcircuit.lora import circuit_selection_of_run
+    from summcircuit.report import circuit_results, load_run
+    write_stage_notebook(project / "nbs" / "08_circuits.ipynb", *CIRCUITS, title="08_circuits.ipynb")
+    assert run() == 0                                                          # checkpoints: all -> steps 0, 2, 4
+    folder = tp.folder_of(project)
+    save_json(folder / "circuits" / "step-99" / "circuit.json", {"step": 99, "nodes": ["a9.h9"], "layer_profile": [0, 1]})
+    save_json(folder / "circuits" / "step-99" / ".done.json", {"key": "of an old run"})
+    assert run("--set", "checkpoints=[0, 2]") == 0                             # step-4 (and step-99) now stale
+    last = [e for e in tp.executions(project) if e["stage"] == "circuits"][-1]
+    assert last["evolution"] and last["evolution_steps"] == [0, 2]             # the stage compares this run's steps only
+    run_ = load_run(folder)
+    assert sorted(circuit_results(run_)) == [0, 2]
+    assert circuit_selection_of_run(folder, mode="heads") == [(2, 0)]          # not step-99's or step-4's heads
+
+
+def test_a_failed_final_diff_is_shown_as_failed_never_replaced(tmp_path):
+    from summcircuit.report import diff_results, evolution_page, headline_findings, home_page, load_run
+    folder = fake_run(tmp_path / "runs" / "r")
+    share = {"share_heads_lower_entropy": {"raw": {"share": 0.9, "ci_low": 0.8, "ci_high": 0.95}}, "critical_layers": [7]}
+    save_json(folder / "diff_checkpoints" / "step-2" / "diff" / "results.json", {"diff": share})
+    save_json(folder / "diff_checkpoints" / "step-2" / ".done.json", {"key": "k2"})
+    save_json(folder / "diff" / "results.json", {"diff": {**share, "critical_layers": [9]}})   # of an earlier run
+    record = load_json(folder / "pipeline.json")
+    record["jobs"] += [{"stage": "diff_checkpoints", "job": "diff_checkpoints_step-2", "title": "Diff: step 2",
+                        "status": "ran", "step": 2, "key": "k2"},
+                       {"stage": "diff", "job": "diff", "title": "Differential analysis", "status": "failed", "step": 4,
+                        "reason": "CUDA out of memory"}]
+    save_json(folder / "pipeline.json", record)
+    run_ = load_run(folder)
+    assert list(diff_results(run_)) == [2]
+    findings = "\n".join(headline_findings(run_))
+    assert "**Differential analysis** (base vs final): failed (CUDA out of memory); no finding is shown in its place" in findings
+    assert "Attention entropy" not in findings and "[7]" not in findings and "[9]" not in findings
+    assert "failed (CUDA out of memory)" in "\n".join(c.source for c in home_page(run_, {}).cells)
+    assert "Differential analysis: failed (CUDA out of memory)" in "\n".join(c.source for c in evolution_page(run_, {}).cells)
+
+
+# 7 (rest). Smaller ones ----------------------------------------------------------------------------------------------
+
+def test_a_model_folder_without_tokenizer_files_is_refused(tmp_path):
+    from summcircuit.models import load_model, tiny_model
+    tiny_model("tiny-gpt2").save_pretrained(tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match=r"has model weights but no tokenizer files \(none of \('tokenizer.json', "
+                                                r"'vocab.json'.*tokenizer.save_pretrained"):
+        load_model(str(tmp_path / "m"), device="cpu")
+
+
+def test_load_examples_refuses_n_0_and_an_unknown_split():
+    from summcircuit.data import load_examples
+    for n in (0, -1):
+        with pytest.raises(ValueError, match=r"n must be >= 1 or None"): load_examples("synthetic", "train", n=n)
+    with pytest.raises(ValueError, match=r"Synthetic split 'dev' does not exist: use one of \('train', 'val', 'test'\)"):
+        load_examples("synthetic", "dev")
+
+
+def test_a_prompt_longer_than_the_context_is_refused_naming_the_document():
+    from summcircuit.data import SummaryExample, build_prompt, collate
+    from summcircuit.graph import node_outputs
+    from summcircuit.models import load_model
+    lm = load_model("tiny-gpt2", device="cpu")
+    long = SummaryExample("long-doc", ["Ada found a red kite at home by the lake."] * 40, "Ada found a kite.")
+    with pytest.raises(ValueError, match=r"Document 'long-doc': prompt of \d+ tokens .* exceeds the model's context of 1024; lower max_source_tokens"):
+        build_prompt(long, lm.tokenizer, max_source_tokens=4000, max_length=lm.spec.n_ctx)
+    batch = collate([build_prompt(long, lm.tokenizer, max_source_tokens=4000)], lm.tokenizer.pad_token_id)
+    with pytest.raises(ValueError, match=r"Document 'long-doc': prompt of \d+ tokens exceeds the model's context of 1024; "
+                                         r"build prompts with build_prompt\(..., max_length=lm.spec.n_ctx\)"):
+        node_outputs(lm, batch)
+
+
+def test_a_truncated_artifact_error_names_the_file(tmp_path):
+    import torch
+    from summcircuit.core import load_tensors, save_tensors
+    path = save_tensors(tmp_path / "scores.safetensors", {"scores": torch.randn(50, 50)})
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=f"Artifact {path} is damaged"): load_tensors(path)
+    (tmp_path / "results.json").write_text('{"diff": {"critical')
+    with pytest.raises(ValueError, match=f"Artifact {tmp_path / 'results.json'} is damaged"): load_json(tmp_path / "results.json")
