@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_peft.ipynb #703d5e4d
 from __future__ import annotations
-import gc, random, time
+import gc, random, re, time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -15,7 +15,7 @@ from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 from transformers import PrinterCallback, Trainer, TrainerCallback
 
-from .core import content_hash, load_json, save_json, seed_everything
+from .core import content_hash, load_json, recorded_jobs, save_json, seed_everything
 from .data import SummaryExample
 from .evaluate import ROUGE_METRICS, RougeResult, evaluate_rouge, plot_rouge, rouge_table
 from .finetune import (PromptDataset, SummaryCollator, TrainingConfig, training_arguments,
@@ -395,8 +395,16 @@ def plot_bakeoff(results: list[dict], table, title: str = ""):
 
 # %% ../nbs/09_peft.ipynb #ff8c5b96
 def critical_layers_of_run(run_folder: str | Path) -> list[int]:
-    "The critical layers that the differential analysis of the run in `run_folder` wrote."
+    """The critical layers that the differential analysis of the run in `run_folder` wrote (in a pipeline run, only
+    when its `pipeline.json` records the diff job as finished: a failed or stale analysis is never read)."""
     path = Path(run_folder) / "diff" / "results.json"
+    if (Path(run_folder) / "pipeline.json").exists():
+        jobs = recorded_jobs(run_folder, "diff")
+        if not jobs or not jobs[-1].finished:
+            why = f"{jobs[-1].status} ({jobs[-1].reason})" if jobs else "is not recorded"
+            raise ValueError(f"The differential analysis of this run {why}: rerun it, or pass the targeted layers "
+                             f"yourself (-p targeted_layers '[2, 3, 5]').")
+        path = jobs[-1].folder / "results.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run the differential analysis (nbs/05_diff.ipynb) for this run "
                                 f"first, or pass the targeted layers yourself (-p targeted_layers '[2, 3, 5]').")
@@ -405,8 +413,6 @@ def critical_layers_of_run(run_folder: str | Path) -> list[int]:
 def circuit_selection_of_run(run_folder: str | Path, k: int = 3, mode: str = "layers") -> list:
     """The circuit of the run's last analysed checkpoint: its top-`k` layers by score mass, or its heads as (layer, head).
     In a pipeline run, the last of the circuits jobs its `pipeline.json` records (a stale `step-*` folder is never read)."""
-    import re
-    from summcircuit.core import recorded_jobs
     if (Path(run_folder) / "pipeline.json").exists():
         jobs = recorded_jobs(run_folder, "circuits")
         if jobs and not jobs[-1].finished:

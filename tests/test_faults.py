@@ -383,6 +383,12 @@ def test_a_failed_final_diff_is_shown_as_failed_never_replaced(tmp_path):
     assert "Attention entropy" not in findings and "[7]" not in findings and "[9]" not in findings
     assert "failed (CUDA out of memory)" in "\n".join(c.source for c in home_page(run_, {}).cells)
     assert "Differential analysis: failed (CUDA out of memory)" in "\n".join(c.source for c in evolution_page(run_, {}).cells)
+    from summcircuit.lora import critical_layers_of_run       # the bake-off never targets a stale analysis's layers
+    with pytest.raises(ValueError, match=r"differential analysis of this run failed \(CUDA out of memory\)"):
+        critical_layers_of_run(folder)
+    record["jobs"][-1].update(status="ran", key="kd"); save_json(folder / "pipeline.json", record)
+    save_json(folder / "diff" / ".done.json", {"key": "kd"})
+    assert critical_layers_of_run(folder) == [9]
 
 
 # 7 (rest). Smaller ones ----------------------------------------------------------------------------------------------
