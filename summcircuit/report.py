@@ -20,10 +20,10 @@ from .pipeline import project_root
 __all__ = ['QUESTIONS', 'SITE_TEMPLATE', 'SITE_CSS', 'SITE_MARKER', 'Run', 'load_run', 'checkpoint_table', 'stage_jobs',
            'unfinished', 'final_diff', 'diff_results', 'entropy_share', 'causal_rows', 'circuit_results', 'run_spec',
            'circuit_evolution', 'find_key', 'new_page', 'add_markdown', 'add_outputs', 'png_output', 'table_output',
-           'figure_png', 'front_matter', 'clean_notebook', 'headline_findings', 'stage_list', 'home_page',
-           'evolution_figures', 'evolution_page', 'bakeoff_page', 'run_figures', 'figures_page', 'compare_page',
-           'api_summary', 'api_page', 'stage_site', 'relink_pages', 'NavItem', 'site_navigation', 'site_pages',
-           'math_to_mathml', 'render_offline', 'render_with_quarto', 'check_site_folder', 'render_report']
+           'figure_png', 'front_matter', 'clean_notebook', 'setup_findings', 'headline_findings', 'stage_list',
+           'home_page', 'evolution_figures', 'evolution_page', 'bakeoff_page', 'run_figures', 'figures_page',
+           'compare_page', 'api_summary', 'api_page', 'stage_site', 'relink_pages', 'NavItem', 'site_navigation',
+           'site_pages', 'math_to_mathml', 'render_offline', 'render_with_quarto', 'check_site_folder', 'render_report']
 
 # %% ../nbs/11_report.ipynb #eec5425c
 @dataclass
@@ -239,6 +239,25 @@ this run answers for its own model and data:
 def _fmt_ci(t: tuple[float, float, float] | None) -> str:
     return "n/a" if t is None else f"{t[0]:.2f} (95% CI {t[1]:.2f}–{t[2]:.2f})"
 
+def setup_findings(circuit: dict) -> list[str]:
+    "Headline lines of a circuits job's set-up comparison (smallest circuit per set-up, with its interval) and exact check."
+    rows, out = circuit.get("setups") or [], []
+    sizes = sorted({k[2:] for r in rows for k in r if k.startswith("f@")}, key=lambda k: float(k.rstrip("%")))
+    if sizes:
+        s = sizes[0]
+        def part(r):
+            rnd = r.get(f"random@{s}")
+            rnd = f", random {rnd:.3f}" if isinstance(rnd, (int, float)) and rnd == rnd else ""
+            return (f"{r['spans']} / {r['corruption']}: {r[f'f@{s}']:.2f} {r.get(f'ci@{s}', '')} with "
+                    f"{r.get(f'edges@{s}')} edges{rnd} (curve area {r['area']:.2f})")
+        out.append(f"**Which set-up finds a circuit** (last checkpoint; found on one half of the pairs, scored on the other; "
+                   f"faithfulness of the circuit of {s} of the edges, 95% interval): " + "; ".join(map(part, rows)) + ".")
+    exact = circuit.get("exact") or {}
+    if exact.get("n_edges"):
+        out.append(f"**EAP-IG against exact patching** of the top {exact['n_edges']} edges: Spearman {exact['spearman']:.2f}, "
+                   f"sign agreement {exact['sign_agreement']:.2f}.")
+    return out
+
 def headline_findings(run: Run) -> list[str]:
     "One sentence per stage that produced results, with the numbers."
     out = []
@@ -277,6 +296,7 @@ def headline_findings(run: Run) -> list[str]:
         if "jaccard_halves" in rob: parts.append(f"top-edge Jaccard across disjoint halves {rob['jaccard_halves']:.2f}")
         if "heldout_faithfulness" in rob: parts.append(f"held-out faithfulness {rob['heldout_faithfulness']:.2f}")
         out.append(f"**Circuits** were extracted at {len(circuits)} checkpoints; the final one: " + "; ".join(parts) + ".")
+        out += setup_findings(last)
     if bad := unfinished(run, "circuits"):
         out.append("**Circuits** not finished in this run (no result shown for them): " + "; ".join(bad) + ".")
     bake = run.csv("peft", "bakeoff.csv")
