@@ -105,8 +105,9 @@ def patch_batches(lm: LoadedModel, pairs: Sequence, batch_size: int = 4, metric:
     "Batch `pairs` and run the corrupted inputs once (and the clean ones, when `metric` compares with them)."
     out = []
     for c, k in pair_batches(pairs, lm.tokenizer.pad_token_id, batch_size):
-        z, logits = node_outputs(lm, c, return_logits=True) if needs_clean(metric) else (None, None)
-        del z
+        logits = None
+        if needs_clean(metric):
+            with torch.no_grad(): logits = lm.hf(c.input_ids.to(lm.device), attention_mask=c.attention_mask.to(lm.device)).logits
         out.append(PatchBatch(c, k, node_outputs(lm, k), logits))
     return out
 
@@ -215,18 +216,19 @@ class FaithfulnessCurve:
 def faithfulness_curve(lm: LoadedModel, att: Attribution, pairs: Sequence, fractions: Sequence[float] = FRACTIONS,
                        absolute: bool = True, selection: str = "top-n", n_random: int = 0, batch_size: int = 4,
                        seed: int = 0, progress: bool = True, metric: str | Callable | None = None,
-                       keep: torch.Tensor | None = None) -> FaithfulnessCurve:
+                       keep: torch.Tensor | None = None, base: Baselines | None = None) -> FaithfulnessCurve:
     """Faithfulness at each share of edges (MIB's sizes by default), with bootstrap intervals over `pairs` (or ready
     `PatchBatch`es), and of `n_random` random circuits of the same counted size. `metric` defaults to `att.metric`.
     Edges in `keep` (e.g. `span_edges(graph, source spans)`: the source stays clean) are in every circuit, the
-    empty one too, and are not counted: sizes and shares are of the other edges."""
+    empty one too, and are not counted: sizes and shares are of the other edges. `base`: the `baselines` of these
+    pairs when already measured (several curves on the same pairs need them once)."""
     graph, metric = att.graph, metric or att.metric
     if keep is not None and selection != "top-n": raise ValueError("keep= works with top-n selection only.")
     keep = None if keep is None else keep.to(att.scores.device) & graph.edges.to(att.scores.device)
     free = graph.edges if keep is None else graph.edges & ~keep
     n_free = graph.count_edges(free)
     batches = as_patch_batches(lm, pairs, batch_size, metric)
-    base = baselines(lm, batches, graph, metric)
+    base = base or baselines(lm, batches, graph, metric)
     if keep is not None:                       # the empty circuit keeps `keep`
         empty = circuit_metrics(lm, batches, prune(keep, graph), graph, metric)
         base = Baselines(base.full, float(np.mean(empty)), base.full_per_pair, empty)

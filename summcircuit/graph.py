@@ -143,11 +143,6 @@ class Graph:
         "Layer of every source `[n_sources]` (-1 for the input)."
         return torch.tensor([-1] + [l for l in range(self.spec.n_layers) for _ in range(self.per_layer_sources)])
     @cached_property
-    def destination_layer(self) -> torch.Tensor:
-        "Layer of every destination `[n_destinations]` (`n_layers` for the logits)."
-        L = self.spec.n_layers
-        return torch.tensor([l for l in range(L) for _ in range(self.per_layer_destinations)] + [L])
-    @cached_property
     def kv_destinations(self) -> torch.Tensor:
         "Boolean `[n_destinations]`: True for k and v inputs (read by queries at the same or later spans)."
         kv = torch.zeros(self.n_destinations, dtype=torch.bool)

@@ -102,27 +102,29 @@ def test_padded_batch_scores_equal_one_by_one(ref_lm):
     assert together.n_examples == apart.n_examples == len(clean)
 
 
+@pytest.mark.parametrize("spans", ["none", "roles"])
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
-def test_top_edges_agree_with_single_edge_patching(name):
-    "Sign and rank of EAP-IG scores vs the true effect of patching each top edge alone."
+def test_top_edges_agree_with_single_edge_patching(name, spans):
+    "Sign and rank of EAP-IG scores vs the true effect of patching each top edge (positional: at its span) alone."
     from summcircuit.models import load_model
     lm = load_model(name, device="cpu")
     clean = padded_batch(lm, n=2)
-    corr = corrupted_copy(clean, 0, 40)
-    att = attribute(lm, [(clean, corr)], "eap-ig", ig_steps=10, progress=False)
+    c = corrupted_copy(clean, 0, 40)
+    corr = type(c)(c.input_ids, c.attention_mask, c.target_mask, c.ids, clean.roles)
+    att = attribute(lm, [(clean, corr)], "eap-ig", ig_steps=10, progress=False, spans=spans)
     g = att.graph
-    flat = att.scores.abs().flatten().topk(20).indices
+    assert att.scores.shape == ((4,) if spans == "roles" else ()) + (g.n_sources, g.n_destinations)
     est, true = [], []
     base = summary_logprob(run_with_patched_edges(lm, clean, corr, g.edges, g), clean).mean()
-    for i in flat:
-        s, d = divmod(int(i), g.n_destinations)
-        mask = g.edges.clone(); mask[s, d] = False          # this edge alone gets the corrupted value
+    for i in att.scores.abs().flatten().topk(20).indices:
+        idx = tuple(int(x) for x in torch.unravel_index(i, att.scores.shape))
+        mask = g.edges.clone(); mask[idx] = False           # this edge alone gets the corrupted value
         m = summary_logprob(run_with_patched_edges(lm, clean, corr, mask, g), clean).mean()
         true.append((base - m).item())                      # effect of the edge = clean - patched
-        est.append(att.scores[s, d].item())
+        est.append(att.scores[idx].item())
     rho = spearmanr(est, true).statistic
     sign_agree = sum((a > 0) == (b > 0) for a, b in zip(est, true)) / len(est)
-    print(f"{name}: Spearman {rho:.3f}, sign agreement {sign_agree:.2f}")
+    print(f"{name}, spans {spans}: Spearman {rho:.3f}, sign agreement {sign_agree:.2f}")
     assert rho > 0.6 and sign_agree >= 0.8
 
 
@@ -188,28 +190,3 @@ def test_gim_temperature_needs_eager_attention():
     lm.hf.set_attn_implementation("sdpa")
     with pytest.raises(ValueError, match='attn_implementation="eager"'):
         destination_gradients(lm, padded_batch(lm), GIM(softmax_temperature=2.0))
-
-
-@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
-def test_positional_scores_agree_with_single_edge_patching(name):
-    "Positional EAP-IG: sign and rank of the top (span, source, destination) scores vs patching each edge alone."
-    from summcircuit.models import load_model
-    lm = load_model(name, device="cpu")
-    clean = padded_batch(lm, n=2)
-    c = corrupted_copy(clean, 0, 40)
-    corr = type(c)(c.input_ids, c.attention_mask, c.target_mask, c.ids, clean.roles)
-    att = attribute(lm, [(clean, corr)], "eap-ig", ig_steps=10, progress=False, spans="roles")
-    g = att.graph
-    assert att.scores.shape == (4, g.n_sources, g.n_destinations)
-    top = att.scores.abs().flatten().topk(20).indices
-    base = summary_logprob(run_with_patched_edges(lm, clean, corr, g.edges, g), clean).mean()
-    est, true = [], []
-    for i in top:
-        idx = tuple(int(x) for x in torch.unravel_index(i, att.scores.shape))
-        mask = g.edges.clone(); mask[idx] = False
-        true.append((base - summary_logprob(run_with_patched_edges(lm, clean, corr, mask, g), clean).mean()).item())
-        est.append(att.scores[idx].item())
-    rho = spearmanr(est, true).statistic
-    sign_agree = sum((a > 0) == (b > 0) for a, b in zip(est, true)) / len(est)
-    print(f"{name}: Spearman {rho:.3f}, sign agreement {sign_agree:.2f}")
-    assert rho > 0.6 and sign_agree >= 0.8
