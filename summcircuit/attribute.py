@@ -6,7 +6,7 @@
 from __future__ import annotations
 import gc, warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -217,6 +217,11 @@ class Attribution:
     def node_scores(self) -> torch.Tensor:
         "Score of each source node `[n_sources]`: the sum of its outgoing edges (over all spans)."
         return self.graph.stacked(self.scores).sum((0, 2))
+
+    def span_free(self) -> "Attribution":
+        "The same attribution on the span-free graph: a positional one's spans summed (they partition the positions)."
+        if not self.graph.positional: return self
+        return replace(self, scores=self.scores.sum(0), graph=Graph(self.graph.spec))
 
     def top_edges(self, k: int = 10) -> list[tuple[str, float]]:
         "The `k` edges with the largest |score|, named."

@@ -18,7 +18,7 @@ from .attribute import Attribution, attribute
 from .core import load_json, load_tensors, save_json, save_tensors
 from .corrupt import pair_batches
 from .data import Batch
-from .graph import Graph, check_scores, node_outputs, run_with_patched_edges, top_n_mask
+from .graph import Graph, SpanLayout, check_scores, node_outputs, run_with_patched_edges, top_n_mask
 from .metrics import get_metric, needs_clean
 from .models import LoadedModel
 
@@ -26,9 +26,9 @@ from .models import LoadedModel
 __all__ = ['FRACTIONS', 'read_by', 'readers', 'prune', 'top_n_circuit', 'greedy_circuit', 'Baselines', 'PatchBatch',
            'patch_batches', 'as_patch_batches', 'circuit_metrics', 'circuit_metric', 'baselines', 'faithfulness',
            'faithfulness_interval', 'area', 'random_circuit', 'FaithfulnessCurve', 'faithfulness_curve', 'jaccard',
-           'split_halves', 'robustness', 'edge_effects', 'exact_agreement', 'circuit_nodes', 'compare_circuits',
-           'layer_profile', 'plot_circuit', 'plot_faithfulness', 'plot_layer_mass', 'save_circuit',
-           'load_circuit_snapshots', 'evolution_table', 'plot_evolution']
+           'split_halves', 'split_documents', 'robustness', 'edge_effects', 'sample_edges', 'exact_agreement',
+           'circuit_nodes', 'compare_circuits', 'layer_profile', 'plot_circuit', 'plot_faithfulness', 'plot_layer_mass',
+           'save_circuit', 'load_circuit_snapshots', 'evolution_table', 'plot_evolution']
 
 # %% ../nbs/08_circuits.ipynb #c4f87c2b
 def _ownership(graph: Graph, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -98,29 +98,35 @@ class PatchBatch:
     "An aligned clean/corrupted batch with the corrupted run's node outputs (and, for KL, the clean logits), made once."
     clean: Batch
     corrupted: Batch
-    corrupted_outputs: torch.Tensor
+    corrupted_outputs: torch.Tensor          # `node_outputs`; flattened and sorted by `layout` when it is given
     clean_logits: torch.Tensor | None = None
+    layout: SpanLayout | None = None
 
-def patch_batches(lm: LoadedModel, pairs: Sequence, batch_size: int = 4, metric: str | Callable = "summary_logprob") -> list[PatchBatch]:
-    "Batch `pairs` and run the corrupted inputs once (and the clean ones, when `metric` compares with them)."
+def patch_batches(lm: LoadedModel, pairs: Sequence, batch_size: int = 4, metric: str | Callable = "summary_logprob",
+                  graph: Graph | None = None) -> list[PatchBatch]:
+    """Batch `pairs` and run the corrupted inputs once (and the clean ones, when `metric` compares with them). With
+    a positional `graph`, the corrupted outputs are kept sorted by its spans, so patched runs need not sort them."""
     out = []
     for c, k in pair_batches(pairs, lm.tokenizer.pad_token_id, batch_size):
         logits = None
         if needs_clean(metric):
             with torch.no_grad(): logits = lm.hf(c.input_ids.to(lm.device), attention_mask=c.attention_mask.to(lm.device)).logits
-        out.append(PatchBatch(c, k, node_outputs(lm, k), logits))
+        outputs, layout = node_outputs(lm, k), None
+        if graph is not None and graph.positional:
+            layout = SpanLayout.of(graph, c); outputs = layout.sort_(outputs)
+        out.append(PatchBatch(c, k, outputs, logits, layout))
     return out
 
-def as_patch_batches(lm: LoadedModel, pairs: Sequence, batch_size: int, metric) -> list[PatchBatch]:
+def as_patch_batches(lm: LoadedModel, pairs: Sequence, batch_size: int, metric, graph: Graph | None = None) -> list[PatchBatch]:
     "`pairs` as they are when already `PatchBatch`es, else `patch_batches`."
-    return list(pairs) if pairs and isinstance(pairs[0], PatchBatch) else patch_batches(lm, pairs, batch_size, metric)
+    return list(pairs) if pairs and isinstance(pairs[0], PatchBatch) else patch_batches(lm, pairs, batch_size, metric, graph)
 
 def circuit_metrics(lm: LoadedModel, batches: Sequence[PatchBatch], circuit: torch.Tensor, graph: Graph,
                     metric: str | Callable = "summary_logprob") -> list[float]:
     "The metric of every pair with every edge outside `circuit` patched to its corrupted value."
     metric_fn, out = get_metric(metric), []
     for b in batches:
-        logits = run_with_patched_edges(lm, b.clean, b.corrupted, circuit, graph, b.corrupted_outputs)
+        logits = run_with_patched_edges(lm, b.clean, b.corrupted, circuit, graph, b.corrupted_outputs, b.layout)
         out += metric_fn(logits, b.clean.to(logits.device), b.clean_logits).tolist()
     if not all(map(math.isfinite, out)):
         raise ValueError(f"The metric is not finite on {sum(not math.isfinite(x) for x in out)} pairs: NaN weights or a "
@@ -227,7 +233,7 @@ def faithfulness_curve(lm: LoadedModel, att: Attribution, pairs: Sequence, fract
     keep = None if keep is None else keep.to(att.scores.device) & graph.edges.to(att.scores.device)
     free = graph.edges if keep is None else graph.edges & ~keep
     n_free = graph.count_edges(free)
-    batches = as_patch_batches(lm, pairs, batch_size, metric)
+    batches = as_patch_batches(lm, pairs, batch_size, metric, graph)
     base = base or baselines(lm, batches, graph, metric)
     if keep is not None:                       # the empty circuit keeps `keep`
         empty = circuit_metrics(lm, batches, prune(keep, graph), graph, metric)
@@ -238,9 +244,12 @@ def faithfulness_curve(lm: LoadedModel, att: Attribution, pairs: Sequence, fract
     sizes = [max(1, int(f * n_free)) for f in fractions]
     curve = FaithfulnessCurve(list(fractions), sizes, [], n_total=n_free)
     rmean, rstd, rcount, rsurv = [], [], [], []
+    full = graph.edges.to(att.scores.device)
+    measure = lambda c: (list(base.full_per_pair) if bool((c == full).all())   # every edge: the clean run, measured once
+                         else circuit_metrics(lm, batches, c, graph, metric))
     for n in tqdm(sizes, desc=f"faithfulness ({selection}, {'|score|' if absolute else 'score'})", disable=not progress):
         circuit = select(att.scores, graph, n, absolute)
-        per_pair = circuit_metrics(lm, batches, circuit, graph, metric)
+        per_pair = measure(circuit)
         curve.faithfulness.append(faithfulness(float(np.mean(per_pair)), base))
         curve.n_counted.append(count(circuit)); curve.per_pair.append(per_pair)
         curve.n_counted_ungrouped.append(graph.count_edges(circuit if keep is None else circuit & ~keep, ungroup_kv=True))
@@ -249,7 +258,7 @@ def faithfulness_curve(lm: LoadedModel, att: Attribution, pairs: Sequence, fract
         if n_random:
             rand = [random_circuit(graph, count(circuit) or 1, rng) for _ in range(n_random)]
             if keep is not None: rand = [prune((c & ~keep) | keep, graph) for c in rand]
-            r = [faithfulness(circuit_metric(lm, batches, c, graph, metric), base) for c in rand]
+            r = [faithfulness(float(np.mean(measure(c))), base) for c in rand]
             rmean.append(float(np.mean(r))); rstd.append(float(np.std(r)))
             rcount.append(float(np.mean([count(prune(c, graph)) for c in rand])))
             rsurv.append(float(np.mean([count(prune(c, graph)) / max(1, count(c)) for c in rand])))
@@ -268,6 +277,15 @@ def split_halves(pairs: Sequence, seed: int = 0) -> tuple[list, list]:
     half = len(idx) // 2
     if half == 0: raise ValueError(f"Robustness needs at least 2 examples to split, got {len(pairs)}.")
     return [pairs[i] for i in idx[:half]], [pairs[i] for i in idx[half:2 * half]]
+
+def split_documents(items: Sequence, n_find: int, n_score: int, seed: int = 0) -> tuple[list, list]:
+    "Disjoint sets of `n_find` and `n_score` of `items`, shuffled with `seed`: circuits are found on one, scored on the other."
+    if n_find < 1 or n_score < 1: raise ValueError(f"n_find and n_score must be >= 1, got {n_find} and {n_score}.")
+    if n_find + n_score > len(items):
+        raise ValueError(f"{n_find} + {n_score} documents asked for, {len(items)} usable: raise n_examples or "
+                         "max_source_tokens, or lower n_find / n_score.")
+    idx = list(range(len(items))); random.Random(seed).shuffle(idx)
+    return [items[i] for i in idx[:n_find]], [items[i] for i in idx[n_find:n_find + n_score]]
 
 # %% ../nbs/08_circuits.ipynb #e1aef79d
 def robustness(lm: LoadedModel, pairs: Sequence, variant_pairs: Sequence | None = None, n_edges: int = 100,
@@ -299,14 +317,22 @@ def edge_effects(lm: LoadedModel, batches: Sequence[PatchBatch], graph: Graph, e
         out.append(full - circuit_metric(lm, batches, mask, graph, metric))
     return out
 
+def sample_edges(circuit: torch.Tensor, k: int, seed: int = 0) -> list[list[int]]:
+    "`k` of `circuit`'s edges (indices of its shape) drawn at random with `seed`; all of them when it has fewer."
+    edges = circuit.nonzero().tolist()
+    return edges if len(edges) <= k else random.Random(seed).sample(edges, k)
+
 def exact_agreement(lm: LoadedModel, att: Attribution, pairs: Sequence, n: int = 100, batch_size: int = 4,
-                    progress: bool = True) -> dict:
-    "Spearman's ρ and sign agreement between the `n` top |score| edges' scores and their exact patching effects."
-    batches = as_patch_batches(lm, pairs, batch_size, att.metric)
-    edges = top_n_mask(att.scores, att.graph, n).nonzero().tolist()
+                    progress: bool = True, edges: Sequence | None = None) -> dict:
+    """Spearman's ρ and sign agreement between edges' scores and their exact patching effects on `pairs`: the `n`
+    top |score| edges, or `edges` (e.g. `sample_edges` of a circuit). Pass the pairs `att` was made on, so the
+    estimate and the truth answer the same question."""
+    batches = as_patch_batches(lm, pairs, batch_size, att.metric, att.graph)
+    edges = top_n_mask(att.scores, att.graph, n).nonzero().tolist() if edges is None else [list(e) for e in edges]
     est = [float(att.scores[tuple(e)]) for e in edges]
     true = edge_effects(lm, batches, att.graph, edges, att.metric, progress)
-    return {"n_edges": len(edges), "spearman": float(stats.spearmanr(est, true).statistic),
+    rho = float(stats.spearmanr(est, true).statistic) if len(edges) > 1 else float("nan")
+    return {"n_edges": len(edges), "spearman": rho,
             "sign_agreement": float(np.mean([(a > 0) == (b > 0) for a, b in zip(est, true)])),
             "estimated": est, "exact": true}
 

@@ -228,6 +228,9 @@ class SpanLayout:
             order = self.order.to(x.device)
             for row in flat: row.copy_(row.index_select(0, order))
         return flat
+    def whole(self) -> "SpanLayout":
+        "One span over every position, in this layout's order (a span-free graph reading data sorted for spans)."
+        return SpanLayout(self.shape, [(0, self.shape[0] * self.shape[1])], self.order, self.inverse)
     def unsort(self, x: torch.Tensor) -> torch.Tensor:
         "`[..., b * pos, d]` in span order → `[..., b, pos, d]`."
         if self.order is not None: x = x.index_select(-2, self.inverse.to(x.device))
@@ -308,10 +311,16 @@ def project_qkv(spec: ArchSpec, hf, l: int, x: torch.Tensor) -> tuple[torch.Tens
         out.append(y if b is None else y + b)
     return tuple(out)
 
+def _same_order(a: SpanLayout, b: SpanLayout) -> bool:
+    return a.shape == b.shape and (a.order is None) == (b.order is None) and (a.order is None or torch.equal(a.order, b.order))
+
 def run_with_patched_edges(lm: LoadedModel, clean: Batch, corrupted: Batch, edge_mask: torch.Tensor,
-                           graph: Graph | None = None, corrupted_outputs: torch.Tensor | None = None) -> torch.Tensor:
+                           graph: Graph | None = None, corrupted_outputs: torch.Tensor | None = None,
+                           corrupted_layout: SpanLayout | None = None) -> torch.Tensor:
     """Logits of the clean run where edges outside `edge_mask` (of `graph.shape`) carry corrupted values; on a
-    positional graph, span by span. `corrupted_outputs` (`node_outputs` of `corrupted`) can be passed to reuse them."""
+    positional graph, span by span. `corrupted_outputs` (`node_outputs` of `corrupted`) can be passed to reuse them
+    across many masks, already flattened and sorted by `corrupted_layout` (e.g. `layout.sort_(node_outputs(...))`)
+    to save the sort on every call."""
     model, spec, hf = lm.model, lm.spec, lm.hf
     graph = graph or Graph(spec)
     if tuple(edge_mask.shape) != graph.shape:
@@ -319,9 +328,16 @@ def run_with_patched_edges(lm: LoadedModel, clean: Batch, corrupted: Batch, edge
     check_aligned(clean, corrupted)
     layout = SpanLayout.of(graph, clean)
     corr = node_outputs(lm, corrupted) if corrupted_outputs is None else corrupted_outputs   # reuse across many masks
-    corr = layout.sort(corr)                   # [n_sources, b * pos, d] in span order
+    if corrupted_layout is None: corr = layout.sort(corr)            # [n_sources, b * pos, d] in span order
+    elif not graph.positional: layout = corrupted_layout.whole()     # one span, in the order the outputs are kept
+    elif not _same_order(layout, corrupted_layout): corr = layout.sort(corrupted_layout.unsort(corr))
     mask = (graph.stacked(edge_mask).to(corr.device) & graph.stacked(graph.edges).to(corr.device)).to(corr.dtype)
-    corr_prefix = corr.cumsum(0)               # corr_prefix[n - 1]: the corrupted residual of the first n sources
+    corr_sum, n_summed = torch.zeros_like(corr[0]), 0
+    def corrupted_residual(n: int) -> torch.Tensor:
+        "The sum of the first `n` sources' corrupted outputs, kept running (sources are visited in order)."
+        nonlocal n_summed
+        corr_sum.add_(corr[n_summed:n].sum(0)); n_summed = n
+        return corr_sum
     change = torch.empty_like(corr)            # this run's output minus the corrupted one, filled node by node
     clean = clean.to(lm.device)
     H = spec.n_heads
@@ -329,13 +345,13 @@ def run_with_patched_edges(lm: LoadedModel, clean: Batch, corrupted: Batch, edge
         change[0] = layout.sort(spec.resid_pre(model, 0)[None])[0] - corr[0]
         for l in range(spec.n_layers):
             n, cols = graph.n_upstream_attn(l), graph.attn_destinations(l)
-            x = patched_inputs(mask[:, :n, cols], change, corr_prefix[n - 1], layout)
+            x = patched_inputs(mask[:, :n, cols], change, corrupted_residual(n), layout)
             spec.set_qkv(model, l, *project_qkv(spec, hf, l, x))
             change[n:n + H] = layout.sort(head_contributions(spec, hf, l, spec.z(model, l))) - corr[n:n + H]
             n, m = graph.n_upstream_mlp(l), graph.mlp_destination(l)
-            spec.layer(model, l, spec.ln_mlp).input = patched_inputs(mask[:, :n, m:m + 1], change, corr_prefix[n - 1], layout)[0]
+            spec.layer(model, l, spec.ln_mlp).input = patched_inputs(mask[:, :n, m:m + 1], change, corrupted_residual(n), layout)[0]
             change[n] = layout.sort(spec.mlp_out(model, l)[None])[0] - corr[n]
         n = graph.n_sources
-        get_module(model, spec.final_norm).input = patched_inputs(mask[:, :, -1:], change, corr_prefix[n - 1], layout)[0]
+        get_module(model, spec.final_norm).input = patched_inputs(mask[:, :, -1:], change, corrupted_residual(n), layout)[0]
         logits = model.output.logits.save()
     return logits

@@ -250,12 +250,15 @@ def setup_findings(circuit: dict) -> list[str]:
             rnd = f", random {rnd:.3f}" if isinstance(rnd, (int, float)) and rnd == rnd else ""
             return (f"{r['spans']} / {r['corruption']}: {r[f'f@{s}']:.2f} {r.get(f'ci@{s}', '')} with "
                     f"{r.get(f'edges@{s}')} edges{rnd} (curve area {r['area']:.2f})")
-        out.append(f"**Which set-up finds a circuit** (last checkpoint; found on one half of the pairs, scored on the other; "
+        p = circuit.get("parameters") or {}
+        docs = (f"found on {p['n_find']} documents, scored on {p['n_score']} others" if "n_find" in p and "n_score" in p
+                else "found on some documents, scored on others")
+        out.append(f"**Which set-up finds a circuit** (last checkpoint; {docs}; "
                    f"faithfulness of the circuit of {s} of the edges, 95% interval): " + "; ".join(map(part, rows)) + ".")
-    exact = circuit.get("exact") or {}
-    if exact.get("n_edges"):
-        out.append(f"**EAP-IG against exact patching** of the top {exact['n_edges']} edges: Spearman {exact['spearman']:.2f}, "
-                   f"sign agreement {exact['sign_agreement']:.2f}.")
+    checks = [(k, v) for k, v in (circuit.get("exact") or {}).items() if isinstance(v, dict) and v.get("n_edges")]
+    if checks:
+        out.append("**EAP-IG against exact patching** (each edge patched alone, on documents its scores were made on): " +
+                   "; ".join(f"{k}: Spearman {v['spearman']:.2f}, sign agreement {v['sign_agreement']:.2f}" for k, v in checks) + ".")
     return out
 
 def headline_findings(run: Run) -> list[str]:

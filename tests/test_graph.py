@@ -176,3 +176,24 @@ def test_positional_all_and_none(lm):
                                run_with_patched_edges(lm, b, corr, mask, free)[keep], atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="edge_mask has shape"):
         run_with_patched_edges(lm, b, corr, mask, g)
+
+
+def test_presorted_corrupted_outputs(lm):
+    "Corrupted outputs kept sorted by the roles layout give the reference's positional patch, and serve span-free and per-token graphs too."
+    from summcircuit.graph import SpanLayout
+    b, corr = _role_batches(lm)
+    keep = b.attention_mask.bool()
+    g = Graph(lm.spec, "roles")
+    layout = SpanLayout.of(g, b)
+    presorted = layout.sort_(node_outputs(lm, corr))
+    edges = [(s, src, dst) for s in range(g.n_spans) for src, dst in _all_edges(lm)]
+    patched = random.Random(2).sample(edges, len(edges) // 3)
+    mask = g.edges.clone()
+    for s, src, dst in patched: mask[s, _src_index(g, src), _dst_index(g, dst)] = False
+    ref = _reference_patched_positional(lm, b, corr, patched, g.span_ids(b))
+    ours = run_with_patched_edges(lm, b, corr, mask, g, presorted, layout)
+    torch.testing.assert_close(ours[keep], ref[keep], atol=1e-4, rtol=0)
+    for other in (Graph(lm.spec), Graph(lm.spec, "tokens", n_positions=b.input_ids.shape[1])):
+        m = torch.rand(other.shape, generator=torch.Generator().manual_seed(4)) < 0.5
+        torch.testing.assert_close(run_with_patched_edges(lm, b, corr, m, other, presorted, layout)[keep],
+                                   run_with_patched_edges(lm, b, corr, m, other)[keep], atol=1e-5, rtol=0)
