@@ -80,10 +80,13 @@ def frozen_parameters(module: torch.nn.Module):
 def destination_gradients(lm: LoadedModel, batch: Batch, gim: GIM = GIM(), graph: Graph | None = None,
                           layer0_input: torch.Tensor | None = None, out: torch.Tensor | None = None,
                           weight: float = 1.0, metric: str | Callable = "summary_logprob",
-                          clean_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          clean_logits: torch.Tensor | None = None,
+                          replace: tuple[str, int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """∂(Σ metric)/∂x_d for every destination `[n_destinations, b, pos, d]`, and the metric per example `[b]`.
     With `out`, `weight` times the gradients are added into it in place (EAP-IG's average, without a copy per step).
-    `clean_logits` go to metrics that compare with the clean run (KL)."""
+    `clean_logits` go to metrics that compare with the clean run (KL). `replace=("attn" | "mlp", l, value)` sets
+    that layer's attention (all heads) or MLP output to the constant `value`: no gradient passes through it
+    (EAP-IG-activations' interpolated node)."""
     model, spec, hf = lm.model, lm.spec, lm.hf
     metric_fn = get_metric(metric)
     graph = graph or Graph(spec)
@@ -105,6 +108,9 @@ def destination_gradients(lm: LoadedModel, batch: Batch, gim: GIM = GIM(), graph
                     if T is not None: _temper_softmax(spec.attn_softmax(model, l, source), T)
                 elif spec.gated_mlp:
                     gate_up.append([spec.layer(model, l, p).output for p in spec.mlp_in])
+                if replace is not None and tuple(replace[:2]) == (where, l):     # constant; 0 · output keeps hooks firing
+                    target = spec.layer(model, l, spec.o_proj if where == "attn" else spec.mlp)
+                    target.output = replace[2] + 0 * target.output
         final = get_module(model, spec.final_norm)
         x = _freeze_norm(lm, final, "final") if gim.norm_freeze else final.input
         norm_in.append(x.save()); norm_out.append(final.output)
@@ -184,8 +190,8 @@ def edge_scores(graph: Graph, delta: torch.Tensor, grads: torch.Tensor, layout: 
     return out if graph.positional else out[0]
 
 # %% ../nbs/07_attribute.ipynb #1a4f9919
-METHODS = ("eap", "eap-corrupted", "eap-ig")
-IG_RULES = ("left", "midpoint")
+METHODS = ("eap", "eap-corrupted", "eap-ig", "eap-ig-activations")
+IG_RULES = ("left", "midpoint", "right")
 COMPLETENESS_TOLERANCE = 0.2     # warn when a pair's input-row sum is off the measured gap by more than this share
 
 @dataclass
@@ -273,20 +279,45 @@ def _check_metric(m_clean: torch.Tensor, m_corr: torch.Tensor, clean: Batch) -> 
                             ": NaN weights or overflowing activations; check the model (an earlier checkpoint) and the pairs") + ".")
 
 def ig_alphas(ig_steps: int, ig_rule: str = "left") -> list[float]:
-    "The interpolation points α_k of EAP-IG: k/m (left Riemann sum) or (k + ½)/m (midpoint), k = 0…m−1."
-    return [(k + (0.5 if ig_rule == "midpoint" else 0.0)) / ig_steps for k in range(ig_steps)]
+    "The interpolation points α_k of EAP-IG: k/m (left Riemann sum), (k + ½)/m (midpoint) or (k + 1)/m (right), k = 0…m−1."
+    return [(k + {"left": 0.0, "midpoint": 0.5, "right": 1.0}[ig_rule]) / ig_steps for k in range(ig_steps)]
 
 def _graph_for(lm: LoadedModel, spans: str | Graph, batches) -> Graph:
     if isinstance(spans, Graph): return spans
     n_positions = max(c.input_ids.shape[1] for c, _ in batches) if spans == "tokens" else None
     return Graph(lm.spec, spans, n_positions)
 
+def _layer_outputs(graph: Graph, z: torch.Tensor) -> dict[tuple[str, int], torch.Tensor]:
+    "Each layer's attention output (its heads' sum) and MLP output from node outputs `z` `[n_sources, b, pos, d]`."
+    H, out = graph.spec.n_heads, {}
+    for l in range(graph.spec.n_layers):
+        first = 1 + l * graph.per_layer_sources
+        out["attn", l], out["mlp", l] = z[first:first + H].sum(0), z[first + H]
+    return out
+
+def _ig_activation_gradients(lm: LoadedModel, clean: Batch, gim: GIM, graph: Graph, emb_corr: torch.Tensor,
+                             emb_clean: torch.Tensor, corr: dict, delta: dict, alphas: list[float], kw: dict,
+                             progress: bool = False) -> torch.Tensor:
+    "EAP-IG-activations: destination gradients averaged over every node group interpolated at every α in turn."
+    weight, grads = 1 / ((1 + len(corr)) * len(alphas)), None
+    for a in alphas:                                           # the input node: interpolated embeddings
+        grads = destination_gradients(lm, clean, gim, graph, layer0_input=emb_corr + a * (emb_clean - emb_corr),
+                                      out=grads, weight=weight, **kw)[0]
+    for (where, l), c in tqdm(corr.items(), desc="node groups", leave=False, disable=not progress):
+        for a in alphas:
+            grads = destination_gradients(lm, clean, gim, graph, out=grads, weight=weight,
+                                          replace=(where, l, c + a * delta[where, l]), **kw)[0]
+    return grads
+
 def attribute(lm: LoadedModel, pairs: Sequence, method: str = "eap-ig", ig_steps: int = 5,
               gim: GIM | bool | None = None, batch_size: int = 1, progress: bool = True, *,
               spans: str | Graph = "none", metric: str | Callable = "summary_logprob",
               ig_rule: str = "left") -> Attribution:
     """Score every edge of `lm`'s graph on clean/corrupted `pairs` with EAP (gradient at the clean run),
-    `"eap-corrupted"` (at the corrupted run) or EAP-IG (`ig_steps` points by `ig_rule`), optionally with GIM.
+    `"eap-corrupted"` (at the corrupted run), EAP-IG (`ig_steps` points by `ig_rule` between the corrupted and
+    clean inputs) or `"eap-ig-activations"` (Hanna et al. 2024: each node group — the input, every attention
+    layer, every MLP — interpolated in turn, `(2L + 1) · ig_steps` gradient passes; the reference uses
+    `ig_rule="right"`), optionally with GIM.
     `spans`: a span schema (`"none"`, `"roles"`, `"tokens"`) or a ready `Graph`; `metric`: a name of
     `summcircuit.metrics.METRICS` or a function `(logits, batch, clean_logits) -> [batch]`."""
     _check_options(method, ig_steps, ig_rule)
@@ -304,16 +335,20 @@ def attribute(lm: LoadedModel, pairs: Sequence, method: str = "eap-ig", ig_steps
         mc, mk = metric_fn(logits_clean, clean, logits_clean), metric_fn(logits_corr, clean, logits_clean)
         _check_metric(mc, mk, clean)
         emb_clean, emb_corr = z_clean[0].clone(), z_corr[0].clone()      # the input node's output: the embeddings
+        groups_corr = _layer_outputs(graph, z_corr) if method == "eap-ig-activations" else None
         delta = z_clean.sub_(z_corr).mul_(clean.attention_mask[None, :, :, None])   # in place: memory stays bounded
         del z_clean, z_corr
         kw = dict(metric=metric_fn, clean_logits=logits_clean)
-        if method != "eap-ig":
+        if method in ("eap", "eap-corrupted"):
             grads = destination_gradients(lm, clean if method == "eap" else corr, gim, graph, **kw)[0]
-        else:
+        elif method == "eap-ig":
             grads = None
             for a in ig_alphas(ig_steps, ig_rule):
                 e = emb_corr + a * (emb_clean - emb_corr)
                 grads = destination_gradients(lm, clean, gim, graph, layer0_input=e, out=grads, weight=1 / ig_steps, **kw)[0]
+        else:
+            grads = _ig_activation_gradients(lm, clean, gim, graph, emb_corr, emb_clean, groups_corr,
+                                             _layer_outputs(graph, delta), ig_alphas(ig_steps, ig_rule), kw, progress)
         input_row += (delta[0] * grads.sum(0)).sum((-2, -1)).tolist()   # before edge_scores sorts them in place
         total += edge_scores(graph, delta, grads, layout)
         m_clean += mc.tolist()
@@ -325,7 +360,7 @@ def attribute(lm: LoadedModel, pairs: Sequence, method: str = "eap-ig", ig_steps
         raise ValueError(f"Stage attribution: {bad} edge scores are not finite (NaN/inf gradients) although the metric "
                          "is finite: the model's activations overflow (NaN weights, or a dtype too narrow); load the "
                          "model in float32 or use an earlier checkpoint.")
-    att = Attribution((total / n).cpu(), graph, method, ig_steps if method == "eap-ig" else 0, gim, n,
+    att = Attribution((total / n).cpu(), graph, method, ig_steps if method.startswith("eap-ig") else 0, gim, n,
                       sum(m_clean) / n, sum(m_corr) / n, metric if isinstance(metric, str) else metric_fn.__name__, ig_rule,
                       input_row, [a - b for a, b in zip(m_clean, m_corr)])
     _warn_incomplete(att)
