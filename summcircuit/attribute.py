@@ -17,13 +17,13 @@ from .core import load_json, load_tensors, save_json, save_tensors
 from .corrupt import pair_batches
 from .data import Batch
 from .graph import Graph, SpanLayout, node_outputs, top_n_mask
-from .metrics import get_metric
-from .models import ArchSpec, LoadedModel, get_module
+from .metrics import check_finite_metric, get_metric
+from .models import ArchSpec, LoadedModel, check_finite_weights, get_module
 
 # %% auto #0
 __all__ = ['QK_SCALE', 'V_SCALE', 'GATE_SCALE', 'METHODS', 'IG_RULES', 'COMPLETENESS_TOLERANCE', 'GIM', 'as_gim',
            'frozen_parameters', 'destination_gradients', 'logits_with_gim', 'edge_scores', 'Attribution',
-           'load_attribution', 'check_finite_weights', 'ig_alphas', 'attribute']
+           'load_attribution', 'ig_alphas', 'attribute']
 
 # %% ../nbs/07_attribute.ipynb #9e09ada0
 @dataclass(frozen=True)
@@ -259,25 +259,6 @@ def _check_options(method: str, ig_steps, ig_rule: str) -> None:
         raise ValueError(f"ig_steps must be a whole number >= 1, got {ig_steps!r}.")
     if ig_rule not in IG_RULES: raise ValueError(f"Unknown ig_rule {ig_rule!r}: use one of {IG_RULES}.")
 
-def check_finite_weights(lm: LoadedModel, stage: str = "attribution") -> None:
-    "Refuse a model with NaN or infinite weights (a diverged fine-tune): every score would be NaN."
-    bad = [name for name, p in lm.hf.named_parameters() if not torch.isfinite(p).all()]
-    if bad:
-        raise ValueError(f"Stage {stage}: the model {lm.name or ''} has NaN/inf weights in {len(bad)} tensors ({', '.join(bad[:3])}"
-                         f"{', ...' if len(bad) > 3 else ''}): the checkpoint is broken (diverged training?); use an "
-                         "earlier checkpoint or rerun fine-tuning with a lower learning rate.")
-
-def _check_metric(m_clean: torch.Tensor, m_corr: torch.Tensor, clean: Batch) -> None:
-    "Refuse a non-finite metric on the clean or the corrupted run, naming the documents."
-    bad = (~torch.isfinite(m_clean) | ~torch.isfinite(m_corr)).nonzero().flatten().tolist()
-    if bad:
-        ids = [clean.ids[i] if clean.ids else i for i in bad]
-        empty = [d for i, d in zip(bad, ids) if not clean.target_mask[i].any()]
-        raise ValueError(f"Stage attribution: the metric is not finite (NaN/inf) on documents {ids[:5]}"
-                         + (f"; {empty[:5]} have an empty target (no summary tokens): drop them or raise max_source_tokens/"
-                            "the context so their summary fits" if empty else
-                            ": NaN weights or overflowing activations; check the model (an earlier checkpoint) and the pairs") + ".")
-
 def ig_alphas(ig_steps: int, ig_rule: str = "left") -> list[float]:
     "The interpolation points α_k of EAP-IG: k/m (left Riemann sum), (k + ½)/m (midpoint) or (k + 1)/m (right), k = 0…m−1."
     return [(k + {"left": 0.0, "midpoint": 0.5, "right": 1.0}[ig_rule]) / ig_steps for k in range(ig_steps)]
@@ -333,7 +314,7 @@ def attribute(lm: LoadedModel, pairs: Sequence, method: str = "eap-ig", ig_steps
         z_clean, logits_clean = node_outputs(lm, clean, return_logits=True)
         z_corr, logits_corr = node_outputs(lm, corr, return_logits=True)
         mc, mk = metric_fn(logits_clean, clean, logits_clean), metric_fn(logits_corr, clean, logits_clean)
-        _check_metric(mc, mk, clean)
+        check_finite_metric("attribution", clean, mc, mk)
         emb_clean, emb_corr = z_clean[0].clone(), z_corr[0].clone()      # the input node's output: the embeddings
         groups_corr = _layer_outputs(graph, z_corr) if method == "eap-ig-activations" else None
         delta = z_clean.sub_(z_corr).mul_(clean.attention_mask[None, :, :, None])   # in place: memory stays bounded

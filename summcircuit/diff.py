@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from .core import atomic_path, load_tensors, save_tensors
 from .data import Batch, Prompt, collate, summary_logprob
-from .models import LoadedModel
+from .metrics import check_finite_metric
+from .models import LoadedModel, check_finite_weights
 
 # %% auto #0
 __all__ = ['head_entropy', 'attention_kl', 'hidden_cosine', 'read_internals', 'DiffResult', 'bootstrap_share_below_zero',
@@ -224,6 +225,7 @@ def differential_analysis(lm_a: LoadedModel, lm_b: LoadedModel, prompts: Sequenc
                           progress: bool = True) -> DiffResult:
     "Compare model `a` (base) with `b` (fine-tuned) on `prompts`: one forward pass per model per batch."
     check_comparable(lm_a, lm_b)
+    for lm in (lm_a, lm_b): check_finite_weights(lm, "differential analysis")
     if not prompts: raise ValueError("No prompts to analyse: pass at least one (two for confidence intervals).")
     stats_: dict[str, list] = {k: [] for k in ("entropy_a", "entropy_b", "norm_entropy_a", "norm_entropy_b", "kl", "cosine")}
     sums = {k: 0 for k in ("sum_a", "sumsq_a", "sum_b")}
@@ -352,10 +354,12 @@ def causal_check(lm: LoadedModel, batches: Sequence[tuple[Batch, Batch]], layers
     zbar = mean_head_outputs(lm, [c for c, _ in batches], progress=progress)
     m_clean, m_corr = [], []
     m_abl = {(kind, mode): [[] for _ in masks[kind]] for kind in masks for mode in ("mean", "corrupted")}
+    check_finite_weights(lm, "differential analysis (causal check)")
     for clean, corrupted in tqdm(batches, desc="causal check", disable=not progress):
         m_clean.append(summary_logprob(_z_and_logits(lm, clean)[1], clean.to(lm.device)).cpu())
         z_corr, corr_logits = _z_and_logits(lm, corrupted)
         m_corr.append(summary_logprob(corr_logits, corrupted.to(lm.device)).cpu())
+        check_finite_metric("differential analysis (causal check)", clean, m_clean[-1], m_corr[-1])
         for (kind, mode), out in m_abl.items():
             for i, mask in enumerate(masks[kind]):
                 logits = run_with_head_outputs(lm, clean, mask, zbar if mode == "mean" else z_corr)

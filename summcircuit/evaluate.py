@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from .data import SummaryExample, build_prompt
-from .models import LoadedModel
+from .models import LoadedModel, check_finite_weights
 
 # %% auto #0
 __all__ = ['ROUGE_METRICS', 'left_pad', 'stop_token_ids', 'clean_summary', 'FirstLineStop', 'generate_summaries', 'rouge_scores',
@@ -148,6 +148,7 @@ def score_predictions(examples: Sequence[SummaryExample], predictions: Sequence[
 def evaluate_rouge(lm: LoadedModel, examples: Sequence[SummaryExample], max_source_tokens: int = 160,
                    max_new_tokens: int = 48, batch_size: int = 8, progress: bool = True) -> RougeResult:
     "Generate summaries of `examples` with `lm` and score them with ROUGE-1/2/L F1."
+    check_finite_weights(lm, "ROUGE evaluation")
     preds = generate_summaries(lm, examples, max_source_tokens, max_new_tokens, batch_size, progress)
     return score_predictions(examples, preds)
 

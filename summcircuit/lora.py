@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_peft.ipynb #703d5e4d
 from __future__ import annotations
-import gc, random, re, time
+import gc, math, random, re, time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -204,6 +204,9 @@ def train_with_early_stopping(model: torch.nn.Module, lm: LoadedModel, train_exa
         trainer.train()
         wall = time.perf_counter() - t0
     model.eval()
+    if diverged := [(s, l) for s, l in keep.curve if not math.isfinite(l)]:
+        raise ValueError(f"Stage PEFT bake-off: training diverged (validation loss {diverged[0][1]} at step {diverged[0][0]}); "
+                         f"lower bakeoff_learning_rate (now {cfg.bakeoff_learning_rate}).")
     return TrainOutcome(keep.best_step, keep.best_loss, trainer.state.global_step, wall, keep.curve)
 
 def train_lora(lm: LoadedModel, train_examples: Sequence[SummaryExample], val_examples: Sequence[SummaryExample],

@@ -14,7 +14,7 @@ Metric = Callable[..., torch.Tensor]   # metric(logits, batch, clean_logits=None
 
 # %% auto #0
 __all__ = ['Metric', 'METRICS', 'NEEDS_CLEAN', 'READS_COPY', 'summary_logprob', 'copy_targets', 'copy_logprob', 'copy_logit_diff',
-           'kl_to_clean', 'get_metric', 'needs_clean', 'reads_copy']
+           'kl_to_clean', 'get_metric', 'needs_clean', 'reads_copy', 'check_finite_metric']
 
 # %% ../nbs/02b_metrics.ipynb #83a181ad
 def _per_example_mean(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
@@ -98,3 +98,15 @@ def needs_clean(metric: str | Metric) -> bool:
 def reads_copy(metric: str | Metric) -> bool:
     "Whether `metric` (a name or one of `METRICS`) needs copy positions on every example."
     return any(get_metric(metric) is METRICS[n] for n in READS_COPY)
+
+# %% ../nbs/02b_metrics.ipynb #40159f40
+def check_finite_metric(stage: str, batch: Batch, *values: torch.Tensor) -> None:
+    "Refuse metric `values` (each `[batch]`) that are not finite in `stage`, naming the documents and the likely cause."
+    bad = sorted(set().union(*((~torch.isfinite(v.cpu())).nonzero().flatten().tolist() for v in values)))
+    if not bad: return
+    ids = [batch.ids[i] if batch.ids else i for i in bad]
+    empty = [d for i, d in zip(bad, ids) if not batch.target_mask[i].any()]
+    raise ValueError(f"Stage {stage}: the metric is not finite (NaN/inf) on documents {ids[:5]}"
+                     + (f"; {empty[:5]} have an empty target (no summary tokens): drop them or raise max_source_tokens/"
+                        "the context so their summary fits" if empty else
+                        ": NaN weights or overflowing activations; check the model (an earlier checkpoint) and the pairs") + ".")

@@ -22,7 +22,7 @@ __all__ = ['LLAMA_FAMILY', 'EOT', 'TINY_CONFIGS', 'SMOLLM2_GGUF', 'INSTALL_SMOLL
            'TOKENIZER_FILES', 'get_module', 'ArchSpec', 'resid_pre', 'qkv', 'set_qkv', 'pattern', 'z', 'resid_mid',
            'mlp_post', 'mlp_out', 'resid_post', 'resid_final', 'attn_source', 'attn_softmax', 'W_QKV', 'b_QKV', 'W_O',
            'b_O', 'norm_module', 'apply_norm', 'norm_vjp', 'arch_spec', 'byte_tokenizer', 'tiny_model',
-           'smollm2_gguf_folder', 'LoadedModel', 'load_model']
+           'smollm2_gguf_folder', 'LoadedModel', 'load_model', 'check_finite_weights']
 
 # %% ../nbs/01_models.ipynb #f1b36c5a
 def get_module(root: Any, path: str) -> Any:
@@ -356,3 +356,12 @@ def load_model(name: str = "smollm2-135m", device: str | torch.device = "auto", 
     if tok.pad_token is None: tok.pad_token = tok.eos_token
     model = model.to(device=dev, dtype=dtype or model.dtype).eval()
     return LoadedModel(NNsight(model), tok, spec, name)
+
+# %% ../nbs/01_models.ipynb #2c775a03
+def check_finite_weights(lm: LoadedModel, stage: str) -> None:
+    "Refuse a model with NaN or infinite weights (a diverged fine-tune) in `stage`: every number it gives would be NaN."
+    bad = [name for name, p in lm.hf.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise ValueError(f"Stage {stage}: the model {lm.name or ''} has NaN/inf weights in {len(bad)} tensors ({', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}): the checkpoint is broken (diverged training?); use an "
+                         "earlier checkpoint or rerun fine-tuning with a lower learning rate.")

@@ -431,3 +431,41 @@ def test_a_truncated_artifact_error_names_the_file(tmp_path):
     with pytest.raises(ValueError, match=f"Artifact {path} is damaged"): load_tensors(path)
     (tmp_path / "results.json").write_text('{"diff": {"critical')
     with pytest.raises(ValueError, match=f"Artifact {tmp_path / 'results.json'} is damaged"): load_json(tmp_path / "results.json")
+
+
+def test_diff_and_rouge_stop_on_nan_weights_and_an_empty_target(tiny_pairs):
+    "The differential analysis, its causal check and ROUGE name their stage on NaN weights; an empty target is named."
+    import dataclasses
+    from conftest import corrupted_copy, padded_batch
+    from summcircuit.data import synthetic_examples
+    from summcircuit.diff import causal_check, differential_analysis
+    from summcircuit.evaluate import evaluate_rouge
+    from summcircuit.models import load_model
+    lm, pairs = tiny_pairs
+    clean = padded_batch(lm)
+    empty = dataclasses.replace(clean, target_mask=clean.target_mask.clone())
+    empty.target_mask[1] = False                                   # document 1 has no summary tokens
+    with pytest.raises(ValueError, match=r"Stage differential analysis \(causal check\): the metric is not finite .*empty target"):
+        causal_check(lm, [(empty, corrupted_copy(empty, 0, 10))], [0], [(0, 0)], n_random=1, progress=False)
+    broken = load_model("tiny-gpt2", device="cpu")
+    broken.hf.lm_head.weight.data[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"Stage differential analysis: the model tiny-gpt2 has NaN/inf weights"):
+        differential_analysis(lm, broken, [p.clean for p in pairs], progress=False)
+    with pytest.raises(ValueError, match=r"Stage differential analysis \(causal check\): the model tiny-gpt2 has NaN/inf weights"):
+        causal_check(broken, [(clean, corrupted_copy(clean, 0, 10))], [0], [(0, 0)], n_random=1, progress=False)
+    with pytest.raises(ValueError, match=r"Stage ROUGE evaluation: the model tiny-gpt2 has NaN/inf weights"):
+        evaluate_rouge(broken, synthetic_examples(2), progress=False)
+
+
+def test_bakeoff_training_that_diverges_stops_with_the_fix():
+    "A bake-off variant whose validation loss goes non-finite stops, naming the stage and the learning rate to lower."
+    from summcircuit.data import synthetic_examples
+    from summcircuit.finetune import TrainingConfig
+    from summcircuit.lora import train_lora
+    from summcircuit.models import load_model
+    lm = load_model("tiny-gpt2", device="cpu")
+    cfg = TrainingConfig(max_source_tokens=64, bakeoff_batch_size=2, bakeoff_max_steps=2, eval_every=1, patience=5,
+                         bakeoff_learning_rate=1e30)
+    with pytest.raises(ValueError, match=r"Stage PEFT bake-off: training diverged \(validation loss .* at step \d+\); "
+                                         r"lower bakeoff_learning_rate \(now 1e\+30\)"):
+        train_lora(lm, synthetic_examples(4), synthetic_examples(2, seed=1), layers=[0], rank=2, cfg=cfg, progress=False)
