@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -16,8 +16,8 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from .core import atomic_path, load_tensors, save_tensors
-from .data import Batch, Prompt, collate, summary_logprob
-from .metrics import check_finite_metric
+from .data import Batch, Prompt, collate
+from .metrics import check_finite_metric, get_metric
 from .models import LoadedModel, check_finite_weights
 
 # %% auto #0
@@ -340,8 +340,9 @@ def random_draws(pool: Sequence, k: int, n: int, seed: int = 0) -> list[list]:
 
 def causal_check(lm: LoadedModel, batches: Sequence[tuple[Batch, Batch]], layers: Sequence[int],
                  heads: Sequence[tuple[int, int]], n_random: int = 10, seed: int = 0,
-                 progress: bool = True) -> list[AblationComparison]:
-    "Metric drops of mean-ablating / patching-to-corrupted `layers` and `heads` vs `n_random` random sets of others."
+                 progress: bool = True, metric: str | Callable = "summary_logprob") -> list[AblationComparison]:
+    """Drops of `metric` (a name of `summcircuit.metrics.METRICS`) when mean-ablating / patching-to-corrupted
+    `layers` and `heads`, against `n_random` random sets of others."""
     spec = lm.spec
     L, H = spec.n_layers, spec.n_heads
     if n_random < 1: raise ValueError(f"n_random={n_random}: compare with at least one random draw (10 or more).")
@@ -355,15 +356,17 @@ def causal_check(lm: LoadedModel, batches: Sequence[tuple[Batch, Batch]], layers
     m_clean, m_corr = [], []
     m_abl = {(kind, mode): [[] for _ in masks[kind]] for kind in masks for mode in ("mean", "corrupted")}
     check_finite_weights(lm, "differential analysis (causal check)")
+    metric_fn = get_metric(metric)
     for clean, corrupted in tqdm(batches, desc="causal check", disable=not progress):
-        m_clean.append(summary_logprob(_z_and_logits(lm, clean)[1], clean.to(lm.device)).cpu())
+        target = clean.to(lm.device)                # every run is scored on the clean prompt's summary
+        clean_logits = _z_and_logits(lm, clean)[1]
+        score = lambda logits: metric_fn(logits, target, clean_logits).cpu()
         z_corr, corr_logits = _z_and_logits(lm, corrupted)
-        m_corr.append(summary_logprob(corr_logits, corrupted.to(lm.device)).cpu())
+        m_clean.append(score(clean_logits)); m_corr.append(score(corr_logits))
         check_finite_metric("differential analysis (causal check)", clean, m_clean[-1], m_corr[-1])
         for (kind, mode), out in m_abl.items():
             for i, mask in enumerate(masks[kind]):
-                logits = run_with_head_outputs(lm, clean, mask, zbar if mode == "mean" else z_corr)
-                out[i].append(summary_logprob(logits, clean.to(lm.device)).cpu())
+                out[i].append(score(run_with_head_outputs(lm, clean, mask, zbar if mode == "mean" else z_corr)))
     m_clean, m_corr = torch.cat(m_clean), torch.cat(m_corr)
     results = []
     for (kind, mode), out in m_abl.items():

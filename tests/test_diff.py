@@ -251,3 +251,23 @@ def test_random_draws():
     assert draws == random_draws(list(range(10)), 3, 12, seed=0) and len({tuple(d) for d in draws}) > 1
     with pytest.raises(ValueError, match="Cannot draw"):
         random_draws([1, 2], 3, 1)
+
+
+def test_causal_check_takes_the_metric():
+    "With metric='kl' the clean run scores exactly 0 and the corrupted run minus its KL to the clean run, computed here by hand."
+    import torch.nn.functional as F
+    _, lm = copy_trained("tiny-llama")
+    pairs = build_pairs(synthetic_examples(4, 3, seed=31), lm.tokenizer, progress=False)
+    batches = pair_batches(pairs, lm.tokenizer.pad_token_id, 2)
+    checks = causal_check(lm, batches, [1], [(0, 2)], n_random=1, seed=3, progress=False, metric="kl")
+    kls = []
+    with torch.no_grad():
+        for c, k in batches:
+            lp_clean = lm.hf(c.input_ids, attention_mask=c.attention_mask).logits.log_softmax(-1)
+            lp_corr = lm.hf(k.input_ids, attention_mask=k.attention_mask).logits.log_softmax(-1)
+            for b in range(len(c.input_ids)):
+                at = c.target_mask[b].nonzero().flatten() - 1          # positions that predict a summary token
+                kls.append(F.kl_div(lp_corr[b, at], lp_clean[b, at], log_target=True, reduction="none").sum(-1).mean())
+    assert abs(checks[0].metric_clean) < 1e-6
+    assert checks[0].metric_corrupted == pytest.approx(-torch.stack(kls).mean().item(), rel=1e-4, abs=1e-6)
+    assert checks[0].metric_corrupted < -1e-4
