@@ -8,7 +8,7 @@ import argparse, ast, importlib.util, os, re, shlex, shutil, sys, time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import yaml
@@ -20,12 +20,13 @@ from .diff import head_entropy
 from .models import load_model
 
 # %% auto #0
-__all__ = ['DEVICE_PATTERN', 'SHARED_PARAMETERS', 'STAGES', 'STALE', 'DEMO_TAG', 'layer_entropies', 'project_root', 'runs_root',
-           'RunConfig', 'Yaml12Loader', 'check_run_name', 'check_shared', 'load_config', 'notebook_parameters',
-           'notebook_parameter_types', 'parameter_types', 'check_parameter', 'notebook_text', 'Stage', 'stage_named',
-           'Job', 'library_modules', 'job_key', 'select_checkpoints', 'StageNotReady', 'stage_parameters', 'plan_stage',
-           'StageFailed', 'move_aside', 'restore_aside', 'job_outputs', 'stage_input', 'execute_job', 'JobRecord',
-           'PipelineResult', 'run_pipeline', 'write_stage_notebook', 'smoke', 'run_command', 'report_command', 'main']
+__all__ = ['DEVICE_PATTERN', 'PARAMETER_RULES', 'PARAMETER_CHOICES', 'SHARED_PARAMETERS', 'STAGES', 'STALE', 'DEMO_TAG',
+           'layer_entropies', 'project_root', 'runs_root', 'RunConfig', 'Yaml12Loader', 'check_run_name',
+           'check_shared', 'load_config', 'notebook_parameters', 'notebook_parameter_types', 'parameter_types',
+           'check_parameter', 'notebook_text', 'check_value', 'Stage', 'stage_named', 'Job', 'library_modules',
+           'job_key', 'select_checkpoints', 'StageNotReady', 'stage_parameters', 'plan_stage', 'StageFailed',
+           'move_aside', 'restore_aside', 'job_outputs', 'stage_input', 'execute_job', 'JobRecord', 'PipelineResult',
+           'run_pipeline', 'write_stage_notebook', 'smoke', 'run_command', 'report_command', 'main']
 
 # %% ../nbs/10_pipeline.ipynb #aa5e0899
 def layer_entropies(model: str = "smollm2-135m", dataset: str = "aclsum", split: str = "train", aspect: str = "outcome",
@@ -226,6 +227,41 @@ def notebook_text(path: str | Path) -> str:
     nb = nbformat.read(str(path), as_version=4)
     return "\n".join(f"# {c.cell_type}\n{c.source}" for c in nb.cells)
 
+def _choices(module: str, name: str) -> Callable[[], tuple]:
+    "The allowed values `summcircuit.<module>.<name>` (a tuple, or a dict's keys), imported only when checked."
+    return lambda: tuple(getattr(importlib.import_module(f"summcircuit.{module}"), name))
+
+_AT_LEAST_1 = ("n_examples", "max_source_tokens", "max_steps", "checkpoint_every", "batch_size", "max_new_tokens", "k_layers",
+               "k_heads", "ig_steps", "n_find", "n_score", "n_score_compare", "n_edges", "n_resamples", "bakeoff_max_steps",
+               "k", "random_draws", "torch_threads", "diff.n_random", "diff_checkpoints.n_random")
+PARAMETER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **{k: (lambda v: v >= 1, "a whole number >= 1") for k in _AT_LEAST_1},
+    **{k: (lambda v: v >= 0, "a whole number >= 0") for k in ("n_random", "n_exact", "n_exact_sample", "n_exact_pairs")},
+    **{k: (lambda v: v > 0, "a number > 0") for k in ("learning_rate", "bakeoff_learning_rate")},
+    "threshold": (lambda v: 0 <= v <= 1, "a number from 0 to 1"),
+    **{k: (lambda v: len(v) > 0 and all(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1 for f in v),
+           "a non-empty list of shares of the edges, each in (0, 1]") for k in ("fractions", "compare_fractions")},
+}
+PARAMETER_CHOICES: dict[str, Callable[[], tuple]] = {
+    "method": _choices("attribute", "METHODS"), "ig_rule": _choices("attribute", "IG_RULES"),
+    "spans": _choices("graph", "SPAN_SCHEMAS"), "corruption": _choices("corrupt", "CORRUPTIONS"),
+    "variant": _choices("corrupt", "CORRUPTIONS"), "metric": _choices("metrics", "METRICS"),
+    "salience": _choices("corrupt", "SALIENCE_METHODS"), "split": _choices("data", "ACLSUM_SPLITS"),
+    "circuit_mode": lambda: ("layers", "heads"),
+}
+
+def check_value(key: str, value: Any) -> Any:
+    """Raise one `ValueError` naming the key, the value and what is allowed when `value` (of the right type) is out
+    of range or not one of the allowed names. `key` is `stage.parameter`; a rule for the stage's parameter wins."""
+    if value is None: return value
+    name = key.rpartition(".")[2]
+    if (choices := PARAMETER_CHOICES.get(name)) and value not in (allowed := choices()):
+        raise ValueError(f"{key}={value!r} is not allowed: use one of {', '.join(map(str, allowed))}.")
+    if rule := PARAMETER_RULES.get(key) or PARAMETER_RULES.get(name):
+        ok, what = rule
+        if not ok(value): raise ValueError(f"{key}={value!r} is not allowed: {name} is {what}.")
+    return value
+
 # %% ../nbs/10_pipeline.ipynb #65794f6e
 SHARED_PARAMETERS = ("run_name", "model", "dataset", "aspect", "device", "seed")
 
@@ -376,6 +412,7 @@ def stage_parameters(stage: Stage, cfg: RunConfig, nbs_dir: Path) -> dict[str, A
     types = notebook_parameter_types(notebook)
     for k, v in cfg.stage_params(stage.name).items():
         check_parameter(f"{stage.name}.{k}", v, declared[k], types.get(k, "literal"), notebook.name)
+        check_value(f"{stage.name}.{k}", v)
     return params | wanted
 
 def plan_stage(stage: Stage, cfg: RunConfig, run_folder: Path, nbs_dir: Path, upstream: dict[str, str]) -> list[Job]:

@@ -563,9 +563,10 @@ def api_page(notebook: str | Path, order: int) -> nbformat.NotebookNode | None:
 def stage_site(runs: Sequence[Run], folder: str | Path, root: str | Path | None = None) -> Path:
     "Write the Quarto project of `runs[0]` (plus the comparison of all `runs`) into `folder`."
     root = Path(root) if root else project_root()
-    folder = Path(folder)
+    folder = check_site_folder(folder, "proc")     # only a folder staged here before is replaced
     if folder.exists(): shutil.rmtree(folder)
     (folder / "stages").mkdir(parents=True); (folder / "api").mkdir()
+    save_json(folder / SITE_MARKER, {"made_by": "summcircuit report (staged pages)"})
     shutil.copy(root / "_quarto.yml", folder / "_quarto.yml")
     if (root / "nbs" / "styles.css").exists(): shutil.copy(root / "nbs" / "styles.css", folder / "styles.css")
     run = runs[0]
@@ -813,16 +814,17 @@ def _holds_run(folder: Path, depth: int = 3) -> Path | None:
             if hits := glob.glob(os.path.join(glob.escape(str(folder)), *(["*"] * d), name)): return Path(hits[0])
     return None
 
-def check_site_folder(out: str | Path) -> Path:
-    "Refuse (`ValueError`) an `out` that holds a run, or that is not empty and holds no marker of a site this renderer made."
+def check_site_folder(out: str | Path, option: str = "--out") -> Path:
+    """Refuse (`ValueError`) an `out` that holds a run, or that is not empty and holds no marker of a site this
+    renderer made. `option` names the folder in the message (`--out`, or `proc` for the staging folder)."""
     out = Path(out)
-    if out.exists() and not out.is_dir(): raise ValueError(f"--out {out} is a file: pass a folder for the site (default: _site).")
+    if out.exists() and not out.is_dir(): raise ValueError(f"{option} {out} is a file: pass a folder for the site (default: _site).")
     if not out.exists() or not any(out.iterdir()): return out
     if (record := _holds_run(out)) is not None:
-        raise ValueError(f"--out {out} holds a run ({record}): refusing to replace it; pass another folder for the site "
+        raise ValueError(f"{option} {out} holds a run ({record}): refusing to replace it; pass another folder for the site "
                          "(default: _site).")
     if not (out / SITE_MARKER).exists():
-        raise ValueError(f"--out {out} is not empty and was not made by `summcircuit report` (it has no {SITE_MARKER}): "
+        raise ValueError(f"{option} {out} is not empty and was not made by `summcircuit report` (it has no {SITE_MARKER}): "
                          "refusing to replace it; pass a new or empty folder, or remove this one yourself.")
     return out
 

@@ -2,7 +2,7 @@
 the message and that nothing finished was deleted or changed (the run folder hashed before and after).
 
 The pipeline tests use the stand-in stage notebooks of `tests/test_pipeline.py` (seconds per run, no model)."""
-import hashlib, math, os, subprocess, sys, time
+import hashlib, math, os, re, subprocess, sys, time
 from pathlib import Path
 
 import pytest
@@ -116,6 +116,8 @@ def test_report_renders_beside_the_old_site_and_replaces_it_only_on_success(tmp_
     ("device=gpu", "device='gpu' is not allowed: use auto, cpu, cuda, cuda:N (N a GPU number) or mps"),
     ("seed=abc", "seed='abc' is not allowed"),
     ("checkpoints=[]", "checkpoints=[] is not allowed: use all, ends or a non-empty list"),
+    ("finetune.max_steps=0", "finetune.max_steps=0 is not allowed: max_steps is a whole number >= 1"),
+    ("finetune.learning_rate=-1e-4", "finetune.learning_rate=-0.0001 is not allowed: learning_rate is a number > 0"),
 ])
 def test_bad_set_values_are_refused_before_anything_is_cleared(project, capsys, setting, message):
     assert run() == 0
@@ -147,6 +149,12 @@ def test_the_real_notebooks_parameters_are_typed_and_both_configurations_pass():
     cfg = load_config("smoke", ["finetune.max_steps=abc"], configs_dir=ROOT / "configs")
     with pytest.raises(ValueError, match=r"finetune.max_steps='abc' is not allowed: 03_finetune.ipynb takes an integer or null"):
         stage_parameters(stage_named("finetune"), cfg, ROOT / "nbs")
+    for setting, message in (("circuits.corruption=blur", "use one of swap, mask, counterfactual"),
+                             ("circuits.method=acdc", "use one of eap, eap-corrupted, eap-ig, eap-ig-activations"),
+                             ("circuits.fractions=[0.5,2]", "each in (0, 1]"), ("diff.n_random=0", ">= 1")):
+        cfg = load_config("default", [setting], configs_dir=ROOT / "configs")
+        with pytest.raises(ValueError, match=re.escape(message)):
+            stage_parameters(stage_named(setting.split(".")[0]), cfg, ROOT / "nbs")
     cfg = load_config("smoke", ["finetune.learning_rate=abc"], configs_dir=ROOT / "configs")
     with pytest.raises(ValueError, match=r"takes a number or null"):
         stage_parameters(stage_named("finetune"), cfg, ROOT / "nbs")
@@ -469,3 +477,12 @@ def test_bakeoff_training_that_diverges_stops_with_the_fix():
     with pytest.raises(ValueError, match=r"Stage PEFT bake-off: training diverged \(validation loss .* at step \d+\); "
                                          r"lower bakeoff_learning_rate \(now 1e\+30\)"):
         train_lora(lm, synthetic_examples(4), synthetic_examples(2, seed=1), layers=[0], rank=2, cfg=cfg, progress=False)
+
+
+def test_report_staging_folder_is_never_wiped(tmp_path):
+    "The folder the report stages its pages in (`proc`) is replaced only when an earlier staging made it."
+    from summcircuit.report import stage_site
+    mine = tmp_path / "notes"; mine.mkdir(); (mine / "mine.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"proc .*notes is not empty and was not made by `summcircuit report`"):
+        stage_site([], mine)
+    assert (mine / "mine.txt").read_text() == "keep me"
