@@ -56,7 +56,9 @@ def run_dir(name: str, root: str | Path | None = None) -> Path:
 # %% ../nbs/00_core.ipynb #4df3b858
 @contextmanager
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
-    "Yield a temporary path beside `path`; on success it is renamed to `path`, on error deleted.\n\n    The caller may replace the temporary file by a folder (delete it, then write the folder): folders are\n    renamed the same way, as long as `path` does not exist yet."
+    """Yield a temporary path beside `path`; on success it is renamed to `path`, on error deleted. The caller may
+    replace the temporary file by a folder (delete it, then write the folder): folders are renamed the same way,
+    as long as `path` does not exist yet."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or path.suffix)
