@@ -19,11 +19,12 @@ from .pipeline import project_root
 # %% auto #0
 __all__ = ['QUESTIONS', 'SITE_TEMPLATE', 'SITE_CSS', 'SITE_MARKER', 'Run', 'load_run', 'checkpoint_table', 'stage_jobs',
            'unfinished', 'final_diff', 'diff_results', 'entropy_share', 'causal_rows', 'circuit_results', 'run_spec',
-           'circuit_evolution', 'find_key', 'new_page', 'add_markdown', 'add_outputs', 'png_output', 'table_output',
-           'figure_png', 'front_matter', 'clean_notebook', 'setup_findings', 'headline_findings', 'stage_list',
-           'home_page', 'evolution_figures', 'evolution_page', 'bakeoff_page', 'run_figures', 'figures_page',
-           'compare_page', 'api_summary', 'api_page', 'stage_site', 'relink_pages', 'NavItem', 'site_navigation',
-           'site_pages', 'math_to_mathml', 'render_offline', 'render_with_quarto', 'check_site_folder', 'render_report']
+           'circuit_evolution', 'circuit_viewers', 'find_key', 'new_page', 'add_markdown', 'add_outputs', 'png_output',
+           'table_output', 'figure_png', 'front_matter', 'clean_notebook', 'setup_findings', 'headline_findings',
+           'stage_list', 'home_page', 'evolution_figures', 'evolution_page', 'bakeoff_page', 'run_figures',
+           'figures_page', 'compare_page', 'api_summary', 'api_page', 'stage_site', 'relink_pages', 'NavItem',
+           'site_navigation', 'site_pages', 'math_to_mathml', 'render_offline', 'render_with_quarto',
+           'check_site_folder', 'render_report']
 
 # %% ../nbs/11_report.ipynb #eec5425c
 @dataclass
@@ -140,6 +141,12 @@ def circuit_evolution(run: Run) -> tuple[pd.DataFrame, bytes] | None:
     snaps = load_circuit_snapshots(run.path("circuits"), graph, steps=steps)
     table = evolution_table(snaps, graph)
     return table, figure_png(plot_evolution(snaps, graph, table))
+
+def circuit_viewers(run: Run) -> list[dict]:
+    "The circuit viewer pages the circuits stage wrote (`circuits/viewer/`), when they show exactly this run's checkpoints."
+    saved = run.json("circuits", "viewer", "index.json")
+    if not saved or sorted(saved.get("steps") or []) != sorted(circuit_results(run)): return []
+    return [p for p in saved.get("pages", []) if run.path("circuits", "viewer", p["page"]).exists()]
 
 def find_key(obj: Any, key: str) -> Any:
     "The first value stored under `key` anywhere in nested dicts/lists (None if absent)."
@@ -422,6 +429,10 @@ def evolution_page(run: Run, pages: dict[str, str]) -> nbformat.NotebookNode:
                              "(the edge-centric hypothesis: fine-tuning rewires persisting components).")
             add_outputs(nb, table_output(table))
             add_outputs(nb, png_output(png, "circuit evolution across checkpoints"))
+        if viewers := circuit_viewers(run):
+            add_markdown(nb, "**Explore the circuits** (zoom, pan, keep the top-n edges or those above a score, hover for "
+                             "names and scores; the diff pages colour edges kept, added and removed): "
+                             + ", ".join(f"[{v['title']}](viewer/{v['page']})" for v in viewers) + ".")
     links = [f"[{j['title']}]({pages[j['job']]})" for j in run.jobs if j["job"] in pages
              and j["stage"] in ("diff_checkpoints", "circuits", "evolution")]
     if links: add_markdown(nb, "The executed notebooks: " + ", ".join(links) + ".")
@@ -584,6 +595,9 @@ def stage_site(runs: Sequence[Run], folder: str | Path, root: str | Path | None 
                                                                "is in the cell that raised, below."))
         nbformat.write(page, str(folder / "stages" / f"{job['job']}.ipynb"))
         pages[job["job"]] = f"stages/{job['job']}.ipynb"
+    for v in circuit_viewers(run):                  # self-contained pages, copied as they are
+        (folder / "viewer").mkdir(exist_ok=True)
+        shutil.copy(run.path("circuits", "viewer", v["page"]), folder / "viewer" / v["page"])
     main_figs = [run.path(*p) for p in (("finetune", "loss_curve.png"), ("diff", "layer_profiles.png")) if run.path(*p).exists()]
     written = {"index": home_page(run, pages, main_figs), "evolution": evolution_page(run, pages),
                "bakeoff": bakeoff_page(run, pages), "figures": figures_page(run), "compare": compare_page(runs)}
@@ -796,6 +810,7 @@ def render_offline(folder: str | Path, out: str | Path) -> Path:
         target = out / _html_name(page)
         target.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(target, doc)
+    if (folder / "viewer").is_dir(): shutil.copytree(folder / "viewer", out / "viewer", dirs_exist_ok=True)
     return out
 
 def render_with_quarto(folder: str | Path, out: str | Path) -> Path:

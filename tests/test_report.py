@@ -156,3 +156,23 @@ def test_home_page_reports_the_numbers_of_the_run(site):
         share = diff["diff"]["share_heads_lower_entropy"]["raw"]
         assert f"{share['share']:.2f} (95% CI {share['ci_low']:.2f}–{share['ci_high']:.2f})" in home
         assert str(diff["diff"]["critical_layers"]) in home
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_circuit_viewers_are_on_the_site_linked_and_draw_the_saved_circuits(site):
+    "The circuits stage's viewer pages reach the site, the evolution page links them, and each draws its checkpoint's circuit."
+    import html as html_lib
+    index = load_json(site["run"].path("circuits", "viewer", "index.json"))
+    steps = sorted(site["run"].json("circuits", f"step-{s}", "circuit.json")["step"] for s in index["steps"])
+    assert steps == sorted(index["steps"]) and len(steps) >= 2
+    evolution = (site["out"] / "evolution.html").read_text()
+    for page in index["pages"]:
+        assert (site["out"] / "viewer" / page["page"]).exists(), page
+        assert f'href="viewer/{page["page"]}"' in evolution, page
+    for step in steps:
+        dom = chromium(["--host-resolver-rules=MAP * ~NOTFOUND", "--virtual-time-budget=10000", "--dump-dom",
+                        (site["out"] / "viewer" / f"step-{step}.html").as_uri()])
+        body = re.search(r"<body([^>]*)>", dom).group(1)
+        data = {k: html_lib.unescape(v) for k, v in re.findall(r'data-([a-z-]+)="([^"]*)"', body)}
+        assert int(data["edges"]) == site["run"].json("circuits", f"step-{step}", "circuit.json")["n_edges"], step
