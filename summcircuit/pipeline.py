@@ -21,12 +21,12 @@ from .models import load_model
 
 # %% auto #0
 __all__ = ['DEVICE_PATTERN', 'PARAMETER_RULES', 'PARAMETER_CHOICES', 'SHARED_PARAMETERS', 'STAGES', 'STALE', 'DEMO_TAG',
-           'layer_entropies', 'project_root', 'runs_root', 'RunConfig', 'Yaml12Loader', 'check_run_name',
+           'PROGRESS', 'layer_entropies', 'project_root', 'runs_root', 'RunConfig', 'Yaml12Loader', 'check_run_name',
            'check_shared', 'load_config', 'notebook_parameters', 'notebook_parameter_types', 'parameter_types',
            'check_parameter', 'notebook_text', 'check_value', 'Stage', 'stage_named', 'Job', 'library_modules',
            'job_key', 'select_checkpoints', 'StageNotReady', 'stage_parameters', 'plan_stage', 'StageFailed',
-           'move_aside', 'restore_aside', 'job_outputs', 'stage_input', 'execute_job', 'JobRecord', 'PipelineResult',
-           'run_pipeline', 'write_stage_notebook', 'smoke', 'run_command', 'report_command', 'main']
+           'move_aside', 'restore_aside', 'job_outputs', 'stage_input', 'progress_mode', 'execute_job', 'JobRecord',
+           'PipelineResult', 'run_pipeline', 'write_stage_notebook', 'smoke', 'run_command', 'report_command', 'main']
 
 # %% ../nbs/10_pipeline.ipynb #aa5e0899
 def layer_entropies(model: str = "smollm2-135m", dataset: str = "aclsum", split: str = "train", aspect: str = "outcome",
@@ -542,10 +542,21 @@ def stage_input(notebook: str | Path, folder: str | Path) -> Path:
     nbformat.write(nb, str(path))
     return path
 
-def execute_job(job: Job, root: Path, runs: Path, progress: bool = True, kernel_name: str = "python3",
+PROGRESS = ("live", "cells", "none")   # the notebook's own output as it runs / papermill's cell counter / nothing
+
+def progress_mode(progress: bool | str) -> str:
+    "`True` is `live`, `False` is `none`; a name of `PROGRESS` is itself."
+    mode = {True: "live", False: "none"}.get(progress, progress) if isinstance(progress, bool) else progress
+    if mode not in PROGRESS: raise ValueError(f"progress={progress!r} is not allowed: use one of {', '.join(PROGRESS)}.")
+    return mode
+
+def execute_job(job: Job, root: Path, runs: Path, progress: bool | str = True, kernel_name: str = "python3",
                 damaged: str = "") -> float:
     """Execute `job`'s notebook with papermill; returns the seconds it took; raises `StageFailed`. Results of other
-    parameters (or `damaged` ones) are moved aside first, deleted after success and put back on failure."""
+    parameters (or `damaged` ones) are moved aside first, deleted after success and put back on failure. `progress`
+    (`progress_mode`): `live` streams what the notebook prints as it runs — its progress bars (training steps,
+    generation and attribution batches, faithfulness points, each with the time left) and log lines — to the terminal."""
+    mode = progress_mode(progress)
     import papermill as pm
     run_folder = job.executed.parent
     aside = None
@@ -565,9 +576,10 @@ def execute_job(job: Job, root: Path, runs: Path, progress: bool = True, kernel_
     try:
         with _environment({"SUMMCIRCUIT_RUNS": str(runs), **job.env}):
             source = stage_input(root / "nbs" / job.stage.notebook, job.folder)
+            live = {"stdout_file": sys.stdout, "stderr_file": sys.stderr} if mode == "live" else {}
             pm.execute_notebook(str(source), str(job.executed), parameters=job.params,
-                                kernel_name=kernel_name, language="python", progress_bar=progress, cwd=str(root),
-                                extra_arguments=["--IPKernelApp.log_level=ERROR"])   # no kernel chatter
+                                kernel_name=kernel_name, language="python", progress_bar=mode == "cells", cwd=str(root),
+                                extra_arguments=["--IPKernelApp.log_level=ERROR"], **live)   # no kernel chatter
     except BaseException as e:
         failed = job.executed
         if aside is not None:                  # the old results go back; the failed notebook stays beside them
@@ -621,7 +633,7 @@ def _save_manifest(run_folder: Path, cfg: RunConfig, records: list[JobRecord], s
         "jobs": [asdict(r) for r in records], "updated": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 def run_pipeline(cfg: RunConfig, runs: str | Path | None = None, stages: Sequence[Stage] = STAGES,
-                 root: str | Path | None = None, progress: bool = True, strict: bool = False,
+                 root: str | Path | None = None, progress: bool | str = True, strict: bool = False,
                  log=print, command: str = "") -> PipelineResult:
     """Run (or resume) every stage of `cfg` into `runs/<cfg.name>/`; returns what ran, what was cached, what failed.
     Holds the run folder's lock (`FolderLocked` if another process has it); `command` is shown to whoever waits."""
@@ -642,7 +654,7 @@ def run_pipeline(cfg: RunConfig, runs: str | Path | None = None, stages: Sequenc
     with folder_lock(run_folder, command):
         return _run_locked(cfg, runs, run_folder, stages, root, progress, strict, log)
 
-def _run_locked(cfg: RunConfig, runs: Path, run_folder: Path, stages: Sequence[Stage], root: Path, progress: bool,
+def _run_locked(cfg: RunConfig, runs: Path, run_folder: Path, stages: Sequence[Stage], root: Path, progress: bool | str,
                 strict: bool, log) -> PipelineResult:
     save_json(run_folder / "config.json", asdict(cfg))
     keys: dict[str, str] = {}
@@ -726,7 +738,8 @@ def run_command(args: argparse.Namespace) -> int:
     command = "summcircuit " + shlex.join(getattr(args, "argv", None) or ["run", "--config", args.config])
     t0 = time.time()
     try:
-        res = run_pipeline(cfg, args.runs_root, progress=not args.no_progress, strict=args.strict, command=command)
+        res = run_pipeline(cfg, args.runs_root, progress="none" if args.no_progress else args.progress, strict=args.strict,
+                           command=command)
     except KeyboardInterrupt:
         print(f"\nInterrupted. Finished stages are kept; rerun `{command}` to resume.", file=sys.stderr)
         return 130
@@ -767,7 +780,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--runs-root", default=None, help="folder of the runs (default: $SUMMCIRCUIT_RUNS or ./runs)")
     r.add_argument("--out", default="_site", help="folder of the rendered report (default: _site)")
     r.add_argument("--no-report", action="store_true", help="do not render the report at the end")
-    r.add_argument("--no-progress", action="store_true", help="no per-cell progress bars")
+    r.add_argument("--progress", choices=PROGRESS, default="live",
+                   help="live: what each stage notebook prints as it runs (its progress bars with time left, log lines; "
+                        "the default); cells: papermill's cell counter; none: only a line per stage")
+    r.add_argument("--no-progress", action="store_true", help="the same as --progress none")
     r.add_argument("--strict", action="store_true", help="fail (instead of skipping) when a stage notebook is not ready")
     r.set_defaults(func=run_command)
     p = sub.add_parser("report", help="render the results website of one or more runs into _site/")

@@ -19,6 +19,7 @@ PRELUDE = """import json, os
 from pathlib import Path
 folder = Path(os.environ['SUMMCIRCUIT_RUNS']) / run_name
 def log(stage, **kw):
+    print('fake progress', stage, flush=True)
     with open(os.environ['FAKE_LOG'], 'a') as f: f.write(json.dumps({'stage': stage, **kw}) + '\\n')
 def write(rel, obj):
     p = folder / rel; p.parent.mkdir(parents=True, exist_ok=True); p.write_text(json.dumps(obj))
@@ -251,3 +252,12 @@ def test_keys_follow_the_library_modules_a_notebook_uses_transitively(tmp_path):
     assert library_modules(source, pkg) == before
     (pkg / "b.py").write_text("def f(): return 4\n")
     assert library_modules(source, pkg) != before
+
+
+def test_live_progress_shows_what_the_notebooks_print(project, capfd):
+    "--progress live (the default) streams each stage notebook's output to the terminal; --no-progress does not."
+    assert main(["run", "--config", "fake", "--no-report", "--progress", "live"]) == 0
+    seen = capfd.readouterr()
+    assert "fake progress finetune" in seen.out + seen.err and "fake progress peft" in seen.out + seen.err
+    assert main(["run", "--config", "fake", "--no-report", "--no-progress", "--set", "finetune.max_steps=6"]) == 0
+    assert "fake progress" not in "".join(capfd.readouterr())
