@@ -232,7 +232,7 @@ def _choices(module: str, name: str) -> Callable[[], tuple]:
     return lambda: tuple(getattr(importlib.import_module(f"summcircuit.{module}"), name))
 
 _AT_LEAST_1 = ("n_examples", "max_source_tokens", "max_steps", "checkpoint_every", "batch_size", "max_new_tokens", "k_layers",
-               "k_heads", "ig_steps", "n_find", "n_score", "n_score_compare", "n_edges", "n_resamples", "bakeoff_max_steps",
+               "k_heads", "ig_steps", "n_find", "n_score", "n_score_last", "n_edges", "n_resamples", "bakeoff_max_steps",
                "k", "random_draws", "torch_threads", "diff.n_random", "diff_checkpoints.n_random")
 PARAMETER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **{k: (lambda v: v >= 1, "a whole number >= 1") for k in _AT_LEAST_1},

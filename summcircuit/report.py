@@ -421,6 +421,13 @@ def evolution_page(run: Run, pages: dict[str, str]) -> nbformat.NotebookNode:
                 if (c.get("robustness") or {}).get(key) is not None: row[key] = c["robustness"][key]
             rows.append(row)
         add_outputs(nb, table_output(pd.DataFrame(rows)))
+        setups = [{"step": s, "set-up": f"{r['spans']} / {r['corruption']}",
+                   **{k: v for k, v in r.items() if k.startswith(("f@", "ci@", "edges@", "random@"))}, "area": r.get("area")}
+                  for s, c in circuits.items() for r in (c.get("setups") or [])]
+        if setups:
+            add_markdown(nb, "Which set-up finds a circuit, at each checkpoint: faithfulness (95% interval over held-out "
+                             "pairs) of the circuits at the smallest sizes, with their edges counted after pruning.")
+            add_outputs(nb, table_output(pd.DataFrame(setups)))
         evo = circuit_evolution(run)
         if evo is not None:
             table, png = evo
@@ -574,7 +581,9 @@ def api_page(notebook: str | Path, order: int) -> nbformat.NotebookNode | None:
 def stage_site(runs: Sequence[Run], folder: str | Path, root: str | Path | None = None) -> Path:
     "Write the Quarto project of `runs[0]` (plus the comparison of all `runs`) into `folder`."
     root = Path(root) if root else project_root()
-    folder = check_site_folder(folder, "proc")     # only a folder staged here before is replaced
+    folder = Path(folder)
+    staged_before = (folder / "_quarto.yml").exists() and (folder / "stages").is_dir()   # by a version without the marker
+    if not staged_before or _holds_run(folder): check_site_folder(folder, "proc")       # only our own staging is replaced
     if folder.exists(): shutil.rmtree(folder)
     (folder / "stages").mkdir(parents=True); (folder / "api").mkdir()
     save_json(folder / SITE_MARKER, {"made_by": "summcircuit report (staged pages)"})
