@@ -14,17 +14,13 @@ from .graph import Graph
 from .models import ArchSpec
 
 # %% auto #0
-__all__ = ['MIB_SHARES', 'eap_source_names', 'eap_edges', 'to_eap_json', 'from_eap_json', 'save_eap_json', 'load_eap_json',
-           'mib_circuit', 'write_mib_submission']
+__all__ = ['MIB_SHARES', 'eap_edges', 'to_eap_json', 'from_eap_json', 'save_eap_json', 'load_eap_json', 'mib_circuit',
+           'write_mib_submission']
 
 # %% ../nbs/08b_interop.ipynb #09493f14
-def eap_source_names(spec: ArchSpec) -> list[str]:
-    "EAP-IG's names of the source nodes, in our row order: `input`, then per layer its heads and its MLP."
-    return ["input"] + [n for l in range(spec.n_layers) for n in [f"a{l}.h{h}" for h in range(spec.n_heads)] + [f"m{l}"]]
-
 def eap_edges(graph: Graph) -> list[tuple[str, int, int, int]]:
     "Every edge of EAP-IG's (ungrouped) graph: `(name, our source row, our destination column, group size)`."
-    spec, src, out = graph.spec, eap_source_names(graph.spec), []
+    spec, src, out = graph.spec, graph.source_names, []   # EAP-IG names sources as we do
     n = spec.group_size
     for l in range(spec.n_layers):
         for u in range(graph.n_upstream_attn(l)):
@@ -50,7 +46,7 @@ def to_eap_json(scores: torch.Tensor, graph: Graph, circuit: torch.Tensor | None
     circuit = torch.zeros(graph.shape, dtype=torch.bool) if circuit is None else circuit.cpu().bool()
     edges = {name: {"score": float(scores[u, d]) / n, "in_graph": bool(circuit[u, d])} for name, u, d, n in eap_edges(graph)}
     sends = circuit.any(1)
-    nodes = {name: {"in_graph": bool(sends[u])} for u, name in enumerate(eap_source_names(graph.spec))}
+    nodes = {name: {"in_graph": bool(sends[u])} for u, name in enumerate(graph.source_names)}
     nodes["logits"] = {"in_graph": True}
     spec = graph.spec
     cfg = {"n_layers": spec.n_layers, "n_heads": spec.n_heads, "parallel_attn_mlp": False, "d_model": spec.d_model}
