@@ -12,7 +12,7 @@ import torch
 from summcircuit.attribute import attribute
 from summcircuit.corrupt import build_pairs, pair_batches
 from summcircuit.data import load_examples
-from summcircuit.graph import Graph, node_outputs, run_with_patched_edges
+from summcircuit.graph import CorruptedRun, Graph, run_with_patched_edges
 from summcircuit.models import load_model
 
 from common import timed, write_result
@@ -36,14 +36,14 @@ def main():
     (clean, corr), = pair_batches(pairs, lm.tokenizer.pad_token_id, len(pairs))
     clean, corr = clean.to(lm.device), corr.to(lm.device)
     free, pos = Graph(lm.spec), Graph(lm.spec, "roles")
-    corrupted = node_outputs(lm, corr)
+    run_free, run_pos = CorruptedRun.of(lm, clean, corr, free), CorruptedRun.of(lm, clean, corr, pos)
     mask_free = torch.rand(free.shape) < a.share
     mask_pos = torch.rand(pos.shape) < a.share
     kw = dict(method="eap-ig", ig_steps=a.ig_steps, batch_size=len(pairs), progress=False)
     calls = {"eap_ig_span_free": lambda: attribute(lm, pairs, spans="none", **kw),
              "eap_ig_roles": lambda: attribute(lm, pairs, spans="roles", **kw),
-             "patched_span_free": lambda: run_with_patched_edges(lm, clean, corr, mask_free, free, corrupted),
-             "patched_roles": lambda: run_with_patched_edges(lm, clean, corr, mask_pos, pos, corrupted)}
+             "patched_span_free": lambda: run_with_patched_edges(lm, clean, corr, mask_free, free, run_free),
+             "patched_roles": lambda: run_with_patched_edges(lm, clean, corr, mask_pos, pos, run_pos)}
     calls["patched_span_free"](); calls["patched_roles"]()            # warm-up
     rows = []
     for r in range(a.repeats):

@@ -18,7 +18,7 @@ from .attribute import Attribution, attribute
 from .core import load_json, load_tensors, save_json, save_tensors
 from .corrupt import pair_batches
 from .data import Batch
-from .graph import Graph, SpanLayout, check_scores, node_outputs, run_with_patched_edges, top_n_mask
+from .graph import CorruptedRun, Graph, check_scores, run_with_patched_edges, top_n_mask
 from .metrics import get_metric, needs_clean
 from .models import LoadedModel
 
@@ -98,9 +98,8 @@ class PatchBatch:
     "An aligned clean/corrupted batch with the corrupted run's node outputs (and, for KL, the clean logits), made once."
     clean: Batch
     corrupted: Batch
-    corrupted_outputs: torch.Tensor          # `node_outputs`; flattened and sorted by `layout` when it is given
+    corrupted_run: CorruptedRun              # what patched runs read from the corrupted run
     clean_logits: torch.Tensor | None = None
-    layout: SpanLayout | None = None
 
 def patch_batches(lm: LoadedModel, pairs: Sequence, batch_size: int = 4, metric: str | Callable = "summary_logprob",
                   graph: Graph | None = None) -> list[PatchBatch]:
@@ -111,10 +110,7 @@ def patch_batches(lm: LoadedModel, pairs: Sequence, batch_size: int = 4, metric:
         logits = None
         if needs_clean(metric):
             with torch.no_grad(): logits = lm.hf(c.input_ids.to(lm.device), attention_mask=c.attention_mask.to(lm.device)).logits
-        outputs, layout = node_outputs(lm, k), None
-        if graph is not None and graph.positional:
-            layout = SpanLayout.of(graph, c); outputs = layout.sort_(outputs)
-        out.append(PatchBatch(c, k, outputs, logits, layout))
+        out.append(PatchBatch(c, k, CorruptedRun.of(lm, c, k, graph), logits))
     return out
 
 def as_patch_batches(lm: LoadedModel, pairs: Sequence, batch_size: int, metric, graph: Graph | None = None) -> list[PatchBatch]:
@@ -126,7 +122,7 @@ def circuit_metrics(lm: LoadedModel, batches: Sequence[PatchBatch], circuit: tor
     "The metric of every pair with every edge outside `circuit` patched to its corrupted value."
     metric_fn, out = get_metric(metric), []
     for b in batches:
-        logits = run_with_patched_edges(lm, b.clean, b.corrupted, circuit, graph, b.corrupted_outputs, b.layout)
+        logits = run_with_patched_edges(lm, b.clean, b.corrupted, circuit, graph, b.corrupted_run)
         out += metric_fn(logits, b.clean.to(logits.device), b.clean_logits).tolist()
     if not all(map(math.isfinite, out)):
         raise ValueError(f"The metric is not finite on {sum(not math.isfinite(x) for x in out)} pairs: NaN weights or a "

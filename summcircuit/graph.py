@@ -6,6 +6,7 @@
 from __future__ import annotations
 import math
 from dataclasses import dataclass
+from typing import Callable
 from functools import cached_property
 
 import torch
@@ -15,7 +16,8 @@ from .models import ArchSpec, LoadedModel, get_module
 
 # %% auto #0
 __all__ = ['SPAN_SCHEMAS', 'Graph', 'SpanLayout', 'check_scores', 'top_n_mask', 'head_contributions', 'check_context',
-           'node_outputs', 'patched_inputs', 'project_qkv', 'run_with_patched_edges']
+           'node_outputs', 'patched_inputs', 'project_qkv', 'CorruptedRun', 'recomputed_nodes',
+           'run_with_patched_edges']
 
 # %% ../nbs/06_graph.ipynb #024305b1
 SPAN_SCHEMAS = ("none", "roles", "tokens")
@@ -255,10 +257,11 @@ def top_n_mask(scores: torch.Tensor, graph: Graph, n: int, absolute: bool = True
 
 
 # %% ../nbs/06_graph.ipynb #51cabf09
-def head_contributions(spec: ArchSpec, hf, l: int, z: torch.Tensor) -> torch.Tensor:
-    "Per-head writes of layer `l` to the residual `[n_heads, batch, pos, d_model]` from per-head outputs `z`."
-    out = torch.einsum("bthd,hdm->hbtm", z, spec.W_O(hf, l))
-    b = spec.b_O(hf, l)
+def head_contributions(spec: ArchSpec, hf, l: int, z: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-head writes of layer `l` to the residual `[n_heads, batch, pos, d_model]` from per-head outputs `z`; with
+    `heads` (indices), only those heads', `z` holding only theirs."""
+    W, b = spec.W_O(hf, l), spec.b_O(hf, l)
+    out = torch.einsum("bthd,hdm->hbtm", z, W if heads is None else W[heads])
     return out if b is None else out + b / spec.n_heads
 
 def check_context(spec: ArchSpec, batch: Batch) -> None:
@@ -270,88 +273,183 @@ def check_context(spec: ArchSpec, batch: Batch) -> None:
                      f"model's context of {spec.n_ctx}; build prompts with build_prompt(..., max_length=lm.spec.n_ctx) "
                      "and lower max_source_tokens.")
 
-def node_outputs(lm: LoadedModel, batch: Batch, return_logits: bool = False):
-    "Every source node's output on `batch`, `[n_sources, batch, pos, d_model]`, in source order (and the logits)."
+def node_outputs(lm: LoadedModel, batch: Batch, return_logits: bool = False, return_qkv: bool = False):
+    """Every source node's output on `batch`, `[n_sources, batch, pos, d_model]`, in source order; with
+    `return_logits` and `return_qkv`, a tuple that adds the logits and every layer's `(q, k, v)` (as `ArchSpec.qkv`
+    returns them), in that order."""
     model, spec = lm.model, lm.spec
     check_context(spec, batch)
     batch = batch.to(lm.device)
+    qkv = []
     with torch.no_grad(), model.trace(batch.input_ids, attention_mask=batch.attention_mask):
         outs = [spec.resid_pre(model, 0)[None]]
         for l in range(spec.n_layers):
+            if return_qkv: qkv.append(tuple(t.save() for t in spec.qkv(model, l)))
             outs.append(head_contributions(spec, lm.hf, l, spec.z(model, l)))
             outs.append(spec.mlp_out(model, l)[None])
         stacked = torch.cat(outs).save()
         logits = model.output.logits.save()
-    return (stacked, logits) if return_logits else stacked
+    extra = [logits] * return_logits + [qkv] * return_qkv
+    return (stacked, *extra) if extra else stacked
 
 # %% ../nbs/06_graph.ipynb #e7fe6f0a
-def patched_inputs(mask: torch.Tensor, change: torch.Tensor, corrupted_sum: torch.Tensor, layout: SpanLayout) -> torch.Tensor:
+def patched_inputs(mask: torch.Tensor, change: torch.Tensor, corrupted_sum: torch.Tensor, layout: SpanLayout,
+                   live: torch.Tensor | None = None, change_sum: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """Inputs `[n_destinations, b, pos, d]` of destinations fed by the first `n` sources, `mask` `[n_spans, n, n_dest]`
     their edges: the corrupted residual (`corrupted_sum` `[b * pos, d]`, the sum of the `n` corrupted outputs) plus,
     on each kept edge, the source's `change` (`[n_sources, b * pos, d]`: its output in this run minus its corrupted
     output) at the positions of the edge's span. Both are in `layout`'s span order. Only sources with a kept edge
-    are read, so a small circuit costs little."""
+    are read, and of those only the `live` ones (default all): a source not recomputed has no change, and its row
+    of `change` is never written. With `change_sum` (a function giving the sum of the `n` sources' changes) and
+    more sources kept than dropped, the dropped edges are subtracted from that sum instead. So a circuit close to empty or to full costs little."""
     n, n_dest = mask.shape[1:]
+    every = live is None or bool(live[:n].all())
+    usable = torch.ones(n, dtype=torch.bool, device=mask.device) if every else live[:n]
     out = corrupted_sum.expand(n_dest, *corrupted_sum.shape).clone()
     for m, (a, b) in zip(mask, layout.bounds):
-        rows = m.any(1).nonzero().squeeze(1)
-        if a == b or len(rows) == 0: continue
-        if 2 * len(rows) < n: m, flat = m[rows], change[:, a:b][rows].flatten(1)    # few sources: gather them
-        else: flat = change[:n, a:b].flatten(1)                                   # most: read in place
-        out[:, a:b] += (m.T @ flat).view(n_dest, b - a, -1)
+        if a == b: continue
+        rows = (m.any(1) & usable).nonzero().squeeze(1)
+        sign = 1
+        if change_sum is not None:
+            dropped = 1 - m
+            dropped_rows = (dropped.any(1) & usable).nonzero().squeeze(1)
+            if len(dropped_rows) < len(rows):
+                out[:, a:b] += change_sum()[a:b]
+                m, rows, sign = dropped, dropped_rows, -1
+        if len(rows) == 0: continue
+        if 2 * len(rows) < n or not every: m, flat = m[rows], change[:, a:b][rows].flatten(1)   # few: gather them
+        else: flat = change[:n, a:b].flatten(1)                                                # most: read in place
+        out[:, a:b].add_((m.T @ flat).view(n_dest, b - a, -1), alpha=sign)
     return layout.unsort(out)
 
-def project_qkv(spec: ArchSpec, hf, l: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    "Per-head queries, keys, values of layer `l` from per-destination inputs `x` `[n_q + 2 n_kv, b, pos, d]`."
-    xn = spec.apply_norm(spec.norm_module(hf, "attn", l), x)
+def project_qkv(spec: ArchSpec, hf, l: int, x: torch.Tensor, active: torch.Tensor | None = None,
+                base: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-head queries, keys, values of layer `l` from per-destination inputs `x` `[n_q + 2 n_kv, b, pos, d]`; with
+    `active` (a bool per destination), `x` holds only the active destinations' inputs and the other heads' values
+    are taken from `base` (the corrupted run's `(q, k, v)`)."""
     H, K = spec.n_heads, spec.n_kv_heads
-    out = []
-    for part, W, b in zip((xn[:H], xn[H:H + K], xn[H + K:]), spec.W_QKV(hf, l), spec.b_QKV(hf, l)):
-        y = torch.einsum("hbtm,hmk->bthk", part, W)
-        out.append(y if b is None else y + b)
+    active = torch.ones(H + 2 * K, dtype=torch.bool) if active is None else active.cpu()
+    xn = spec.apply_norm(spec.norm_module(hf, "attn", l), x)
+    out, i = [], 0
+    for (lo, hi), W, b, old in zip(((0, H), (H, H + K), (H + K, H + 2 * K)), spec.W_QKV(hf, l), spec.b_QKV(hf, l),
+                                   base or (None,) * 3):
+        every = bool(active[lo:hi].all())
+        heads = slice(None) if every else active[lo:hi].nonzero().squeeze(1).to(W.device)
+        y = torch.einsum("hbtm,hmk->bthk", xn[i:i + (hi - lo if every else len(heads))], W[heads])
+        i += hi - lo if every else len(heads)
+        if b is not None: y = y + b[heads]
+        if every or old is None: out.append(y)
+        else:
+            full = old.clone(); full[:, :, heads] = y; out.append(full)
     return tuple(out)
 
+# %% ../nbs/06_graph.ipynb #e8226a1f
 def _same_order(a: SpanLayout, b: SpanLayout) -> bool:
     return a.shape == b.shape and (a.order is None) == (b.order is None) and (a.order is None or torch.equal(a.order, b.order))
 
+@dataclass
+class CorruptedRun:
+    """The corrupted run of a batch as patched runs read it, made once and reused across masks: every source's
+    output, flattened to `[n_sources, b * pos, d]` in `layout`'s span order, and every layer's `(q, k, v)` (as
+    `ArchSpec.qkv` returns them), which a patched run takes as they are where no kept edge changes them."""
+    outputs: torch.Tensor
+    layout: SpanLayout
+    qkv: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+    @classmethod
+    def of(cls, lm: LoadedModel, clean: Batch, corrupted: Batch, graph: Graph | None = None) -> "CorruptedRun":
+        "The run of `corrupted`, laid out by `clean`'s spans in `graph` (span-free: positions in their natural order)."
+        check_aligned(clean, corrupted)
+        layout = SpanLayout.of(graph or Graph(lm.spec), clean)
+        outputs, qkv = node_outputs(lm, corrupted, return_qkv=True)
+        return cls(layout.sort_(outputs), layout, qkv)
+
+    def outputs_in(self, layout: SpanLayout) -> tuple[torch.Tensor, SpanLayout]:
+        """The outputs in the order a graph with `layout` reads them, and the layout they are then in: a span-free
+        graph reads them in any order, a positional one needs its own."""
+        if len(layout.bounds) == 1: return self.outputs, self.layout.whole()
+        if _same_order(layout, self.layout): return self.outputs, self.layout
+        return layout.sort(self.layout.unsort(self.outputs)), layout
+
+# %% ../nbs/06_graph.ipynb #ac02c982
+def recomputed_nodes(graph: Graph, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which nodes a patched run keeping edges `kept` (`[n_sources, n_destinations]`, any span) must recompute: per
+    layer its q/k/v destinations `[n_layers, n_q + 2 n_kv]` and its MLP `[n_layers]` whose input keeps an edge from a
+    changed source, and the sources `[n_sources]` whose output may differ from the corrupted run's (the input;
+    heads whose q, k or v is recomputed; recomputed MLPs). Every other node computes its corrupted value."""
+    spec = graph.spec
+    H, K = spec.n_heads, spec.n_kv_heads
+    group = torch.arange(H) // (H // K)                               # the key/value head each query head reads
+    kept = kept.cpu()
+    live = torch.zeros(graph.n_sources, dtype=torch.bool); live[0] = True
+    attn = torch.zeros(spec.n_layers, H + 2 * K, dtype=torch.bool)
+    mlp = torch.zeros(spec.n_layers, dtype=torch.bool)
+    for l in range(spec.n_layers):
+        n = graph.n_upstream_attn(l)
+        attn[l] = (kept[:n, graph.attn_destinations(l)] & live[:n, None]).any(0)
+        live[n:n + H] = attn[l, :H] | attn[l, H:H + K][group] | attn[l, H + K:][group]
+        n = graph.n_upstream_mlp(l)
+        mlp[l] = live[n] = (kept[:n, graph.mlp_destination(l)] & live[:n]).any()
+    return attn, mlp, live
+
 def run_with_patched_edges(lm: LoadedModel, clean: Batch, corrupted: Batch, edge_mask: torch.Tensor,
-                           graph: Graph | None = None, corrupted_outputs: torch.Tensor | None = None,
-                           corrupted_layout: SpanLayout | None = None) -> torch.Tensor:
+                           graph: Graph | None = None, corrupted_run: CorruptedRun | None = None) -> torch.Tensor:
     """Logits of the clean run where edges outside `edge_mask` (of `graph.shape`) carry corrupted values; on a
-    positional graph, span by span. `corrupted_outputs` (`node_outputs` of `corrupted`) can be passed to reuse them
-    across many masks, already flattened and sorted by `corrupted_layout` (e.g. `layout.sort_(node_outputs(...))`)
-    to save the sort on every call."""
+    positional graph, span by span. Pass `corrupted_run` (`CorruptedRun.of(lm, clean, corrupted, graph)`) to reuse
+    the corrupted run across many masks. Only `recomputed_nodes` are computed: every other head takes its corrupted
+    q/k/v (the projections are skipped) and every other MLP is skipped with its corrupted output, so a small circuit
+    costs less than a plain forward. A destination that keeps most of its edges subtracts the dropped ones from the
+    sum of all changes, so a circuit close to full is cheaper too."""
     model, spec, hf = lm.model, lm.spec, lm.hf
     graph = graph or Graph(spec)
     if tuple(edge_mask.shape) != graph.shape:
         raise ValueError(f"edge_mask has shape {tuple(edge_mask.shape)}; this model's graph needs {graph.shape}.")
     check_aligned(clean, corrupted)
-    layout = SpanLayout.of(graph, clean)
-    corr = node_outputs(lm, corrupted) if corrupted_outputs is None else corrupted_outputs   # reuse across many masks
-    if corrupted_layout is None: corr = layout.sort(corr)            # [n_sources, b * pos, d] in span order
-    elif not graph.positional: layout = corrupted_layout.whole()     # one span, in the order the outputs are kept
-    elif not _same_order(layout, corrupted_layout): corr = layout.sort(corrupted_layout.unsort(corr))
-    mask = (graph.stacked(edge_mask).to(corr.device) & graph.stacked(graph.edges).to(corr.device)).to(corr.dtype)
-    corr_sum, n_summed = torch.zeros_like(corr[0]), 0
+    run = corrupted_run or CorruptedRun.of(lm, clean, corrupted, graph)
+    corr, layout = run.outputs_in(SpanLayout.of(graph, clean))        # [n_sources, b * pos, d] in span order
+    kept = graph.stacked(edge_mask).to(corr.device) & graph.stacked(graph.edges).to(corr.device)
+    mask, kept = kept.to(corr.dtype), kept.any(0)
+    attn, mlp, recomputed = recomputed_nodes(graph, kept)
+    change = torch.empty_like(corr)     # this run's output minus the corrupted one: written for recomputed sources ...
+    live = recomputed.to(corr.device)
+    if 2 * int(live.sum()) > graph.n_sources: change[~live] = 0; live = None    # ... and zero for the few others
+                                                                                 # ... or, when they are many, never read
+    corr_sum, change_sum, n_summed = torch.zeros_like(corr[0]), torch.zeros_like(corr[0]), [0, 0]
     def corrupted_residual(n: int) -> torch.Tensor:
         "The sum of the first `n` sources' corrupted outputs, kept running (sources are visited in order)."
-        nonlocal n_summed
-        corr_sum.add_(corr[n_summed:n].sum(0)); n_summed = n
+        corr_sum.add_(corr[n_summed[0]:n].sum(0)); n_summed[0] = n
         return corr_sum
-    change = torch.empty_like(corr)            # this run's output minus the corrupted one, filled node by node
+    def change_total(n: int) -> torch.Tensor:
+        "The sum of the first `n` sources' changes, kept running like `corrupted_residual`."
+        rows = range(n_summed[1], n) if live is None else (live[n_summed[1]:n].nonzero().squeeze(1) + n_summed[1]).tolist()
+        for i in rows: change_sum.add_(change[i])
+        n_summed[1] = n
+        return change_sum
+    def inputs(cols, n: int) -> torch.Tensor:
+        "Inputs of destinations `cols`, fed by the first `n` sources."
+        return patched_inputs(mask[:, :n, cols], change, corrupted_residual(n), layout, live, lambda: change_total(n))
     clean = clean.to(lm.device)
     H = spec.n_heads
     with torch.no_grad(), model.trace(clean.input_ids, attention_mask=clean.attention_mask):
         change[0] = layout.sort(spec.resid_pre(model, 0)[None])[0] - corr[0]
         for l in range(spec.n_layers):
-            n, cols = graph.n_upstream_attn(l), graph.attn_destinations(l)
-            x = patched_inputs(mask[:, :n, cols], change, corrupted_residual(n), layout)
-            spec.set_qkv(model, l, *project_qkv(spec, hf, l, x))
-            change[n:n + H] = layout.sort(head_contributions(spec, hf, l, spec.z(model, l))) - corr[n:n + H]
+            n, qkv = graph.n_upstream_attn(l), run.qkv[l]
+            if attn[l].any():
+                cols = torch.arange(graph.attn_destinations(l).start, graph.attn_destinations(l).stop)[attn[l]]
+                qkv = project_qkv(spec, hf, l, inputs(cols, n), attn[l], qkv)
+            spec.set_qkv(model, l, *qkv, skip=True)
+            heads = recomputed[n:n + H]
+            if heads.all():
+                change[n:n + H] = layout.sort(head_contributions(spec, hf, l, spec.z(model, l))) - corr[n:n + H]
+            elif heads.any():
+                idx = heads.nonzero().squeeze(1)
+                z = spec.z(model, l)[:, :, idx.to(lm.device)]
+                change[n + idx] = layout.sort(head_contributions(spec, hf, l, z, idx.to(lm.device))) - corr[n + idx]
             n, m = graph.n_upstream_mlp(l), graph.mlp_destination(l)
-            spec.layer(model, l, spec.ln_mlp).input = patched_inputs(mask[:, :n, m:m + 1], change, corrupted_residual(n), layout)[0]
-            change[n] = layout.sort(spec.mlp_out(model, l)[None])[0] - corr[n]
-        n = graph.n_sources
-        get_module(model, spec.final_norm).input = patched_inputs(mask[:, :, -1:], change, corrupted_residual(n), layout)[0]
+            if mlp[l]:
+                spec.layer(model, l, spec.ln_mlp).input = inputs(slice(m, m + 1), n)[0]
+                change[n] = layout.sort(spec.mlp_out(model, l)[None])[0] - corr[n]
+            else: spec.layer(model, l, spec.mlp).skip(layout.unsort(corr[n:n + 1])[0])
+        get_module(model, spec.final_norm).input = inputs(slice(-1, None), graph.n_sources)[0]
         logits = model.output.logits.save()
     return logits

@@ -91,12 +91,14 @@ def qkv(self: ArchSpec, m, l: int):
         q, k, v = (self.layer(m, l, p).output for p in self.qkv_proj)
     return _split_heads(q, self.n_heads), _split_heads(k, self.n_kv_heads), _split_heads(v, self.n_kv_heads)
 
-def set_qkv(self: ArchSpec, m, l: int, q, k, v) -> None:
-    "Overwrite layer `l`'s projected queries, keys and values (shapes as `qkv` returns them)."
+def set_qkv(self: ArchSpec, m, l: int, q, k, v, skip: bool = False) -> None:
+    """Overwrite layer `l`'s projected queries, keys and values (shapes as `qkv` returns them); with `skip`, the
+    projections are not run at all (when nothing reads their own output)."""
     flat = [t.reshape(*t.shape[:-2], -1) for t in (q, k, v)]
-    if len(self.qkv_proj) == 1: self.layer(m, l, self.qkv_proj[0]).output = torch.cat(flat, dim=-1)
-    else:
-        for p, t in zip(self.qkv_proj, flat): self.layer(m, l, p).output = t
+    mods = [self.layer(m, l, p) for p in self.qkv_proj]
+    for mod, t in zip(mods, [torch.cat(flat, dim=-1)] if len(mods) == 1 else flat):
+        if skip: mod.skip(t)
+        else: mod.output = t
 
 def pattern(self: ArchSpec, m, l: int):
     "Attention probabilities of layer `l` `[b, n_heads, query, key]` (needs eager attention)."

@@ -178,22 +178,49 @@ def test_positional_all_and_none(lm):
         run_with_patched_edges(lm, b, corr, mask, g)
 
 
-def test_presorted_corrupted_outputs(lm):
-    "Corrupted outputs kept sorted by the roles layout give the reference's positional patch, and serve span-free and per-token graphs too."
-    from summcircuit.graph import SpanLayout
+def test_corrupted_run_reused_across_graphs(lm):
+    "A corrupted run laid out by the roles spans gives the reference's positional patch, and serves span-free and per-token graphs too."
+    from summcircuit.graph import CorruptedRun
     b, corr = _role_batches(lm)
     keep = b.attention_mask.bool()
     g = Graph(lm.spec, "roles")
-    layout = SpanLayout.of(g, b)
-    presorted = layout.sort_(node_outputs(lm, corr))
+    run = CorruptedRun.of(lm, b, corr, g)
     edges = [(s, src, dst) for s in range(g.n_spans) for src, dst in _all_edges(lm)]
     patched = random.Random(2).sample(edges, len(edges) // 3)
     mask = g.edges.clone()
     for s, src, dst in patched: mask[s, _src_index(g, src), _dst_index(g, dst)] = False
     ref = _reference_patched_positional(lm, b, corr, patched, g.span_ids(b))
-    ours = run_with_patched_edges(lm, b, corr, mask, g, presorted, layout)
+    ours = run_with_patched_edges(lm, b, corr, mask, g, run)
     torch.testing.assert_close(ours[keep], ref[keep], atol=1e-4, rtol=0)
     for other in (Graph(lm.spec), Graph(lm.spec, "tokens", n_positions=b.input_ids.shape[1])):
         m = torch.rand(other.shape, generator=torch.Generator().manual_seed(4)) < 0.5
-        torch.testing.assert_close(run_with_patched_edges(lm, b, corr, m, other, presorted, layout)[keep],
+        torch.testing.assert_close(run_with_patched_edges(lm, b, corr, m, other, run)[keep],
                                    run_with_patched_edges(lm, b, corr, m, other)[keep], atol=1e-5, rtol=0)
+
+
+def test_small_circuits_skip_unchanged_nodes(lm):
+    """Circuits that leave most nodes unchanged (one path; every edge into one early MLP, the last layer's values or its MLP;
+    edges out of unchanged nodes only) give the reference's logits, so nodes skipped as unchanged really are unchanged."""
+    b = padded_batch(lm)
+    corr = corrupted_copy(b, 0, 30)
+    g = Graph(lm.spec)
+    keep = b.attention_mask.bool()
+    edges = _all_edges(lm)
+    L = lm.spec.n_layers
+    to_logits = lambda src: (src, ("logits",))
+    cases = {"one path": [(("input",), ("v", 0, 0)), to_logits(("head", 0, 0))],      # (queries and keys barely move a random model's attention)
+             "into one mlp": [e for e in edges if e[1] == ("mlp", 0)] + [to_logits(("mlp", 0))],
+             "into the last layer's values": [e for e in edges if e[1][:2] == ("v", L - 1)] + [to_logits(("head", L - 1, 0))],
+             "into the last mlp": [e for e in edges if e[1] == ("mlp", L - 1)] + [to_logits(("mlp", L - 1))]}
+    corrupted = _reference_patched(lm, b, corr, set(edges))
+    for name, kept in cases.items():
+        mask = torch.zeros_like(g.edges)
+        for src, dst in kept: mask[_src_index(g, src), _dst_index(g, dst)] = True
+        ours = run_with_patched_edges(lm, b, corr, mask, g)
+        ref = _reference_patched(lm, b, corr, set(edges) - set(kept))
+        torch.testing.assert_close(ours[keep], ref[keep], atol=1e-4, rtol=0, msg=name)
+        assert (ours[keep] - corrupted[keep]).abs().max() > 1e-4, name
+    # edges only out of nodes that nothing changed: the corrupted run, exactly
+    mask = torch.zeros_like(g.edges)
+    mask[g.head_source(L - 1, 1), -1] = mask[g.mlp_source(L - 1), -1] = True
+    torch.testing.assert_close(run_with_patched_edges(lm, b, corr, mask, g)[keep], corrupted[keep], atol=1e-5, rtol=0)
