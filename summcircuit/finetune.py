@@ -42,7 +42,7 @@ class TrainingConfig:
     checkpoint_every: int = 8            # steps between checkpoints (the base model is checkpoint 0)
     # -- generation for ROUGE --------------------------------------------------------------------------
     max_new_tokens: int = 48             # ACLSum outcome summaries: median 28, max 47 SmolLM2 tokens
-    gen_batch_size: int = 8
+    gen_batch_size: int = 32             # on 2 CPU cores, 32 documents a batch generate 20% faster than 8
     # -- LoRA bake-off (same rank, data, budget, learning rate and early stopping for every variant) ----
     lora_rank: int = 8                   # paper: 8
     lora_alpha: int = 512                # update scale alpha / rank = 64 (common: 2): sized for a 32-step budget
