@@ -272,8 +272,8 @@ def _layer_outputs(graph: Graph, z: torch.Tensor) -> dict[tuple[str, int], torch
     "Each layer's attention output (its heads' sum) and MLP output from node outputs `z` `[n_sources, b, pos, d]`."
     H, out = graph.spec.n_heads, {}
     for l in range(graph.spec.n_layers):
-        first = 1 + l * graph.per_layer_sources
-        out["attn", l], out["mlp", l] = z[first:first + H].sum(0), z[first + H]
+        first = graph.head_source(l, 0)
+        out["attn", l], out["mlp", l] = z[first:first + H].sum(0), z[graph.mlp_source(l)]
     return out
 
 def _ig_activation_gradients(lm: LoadedModel, clean: Batch, gim: GIM, graph: Graph, emb_corr: torch.Tensor,

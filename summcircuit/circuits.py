@@ -340,7 +340,8 @@ def circuit_nodes(circuit: torch.Tensor, graph: Graph) -> torch.Tensor:
     return nodes if graph.positional else nodes[0]
 
 def compare_circuits(a: torch.Tensor, b: torch.Tensor, graph: Graph) -> dict[str, float]:
-    "Node and edge Jaccard of two circuits, and the share of changed edges that join persisting nodes."
+    """Node and edge Jaccard of two circuits, the share of changed edges that join persisting nodes, and the counts
+    behind them: edges kept / added / removed and node instances persisting / entering / leaving from `a` to `b`."""
     na, nb = circuit_nodes(a, graph), circuit_nodes(b, graph)
     persisting = (na & nb).clone() if graph.positional else (na & nb)[None].clone()
     persisting[:, 0] = True                                        # the input is always there
@@ -350,7 +351,10 @@ def compare_circuits(a: torch.Tensor, b: torch.Tensor, graph: Graph) -> dict[str
     among = changed & persisting[:, :, None] & dest_persists[:, None, :]
     n_changed = int(changed.sum())
     return {"node_jaccard": jaccard(na, nb), "edge_jaccard": jaccard(a, b), "edges_changed": n_changed,
-            "share_changed_among_persisting_nodes": float(among.sum()) / n_changed if n_changed else float("nan")}
+            "share_changed_among_persisting_nodes": float(among.sum()) / n_changed if n_changed else float("nan"),
+            "edges_kept": int((a & b).sum()), "edges_added": int((b & ~a).sum()), "edges_removed": int((a & ~b).sum()),
+            "nodes_persisting": int((na & nb).sum()), "nodes_entering": int((nb & ~na).sum()),
+            "nodes_leaving": int((na & ~nb).sum())}
 
 def layer_profile(circuit: torch.Tensor, scores: torch.Tensor, graph: Graph) -> list[float]:
     "Share of the circuit's |score| mass leaving each layer's nodes (input first, then layers 0..L-1), over all spans."

@@ -16,15 +16,15 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from .core import atomic_path, load_tensors, save_tensors
-from .data import Batch, Prompt, collate
+from .data import Batch, Prompt, build_prompt, collate, load_examples
 from .metrics import check_finite_metric, get_metric
-from .models import LoadedModel, check_finite_weights
+from .models import LoadedModel, check_finite_weights, load_model
 
 # %% auto #0
-__all__ = ['head_entropy', 'attention_kl', 'hidden_cosine', 'read_internals', 'DiffResult', 'bootstrap_share_below_zero',
-           'check_comparable', 'differential_analysis', 'head_outputs', 'mean_head_outputs', 'run_with_head_outputs',
-           'AblationComparison', 'layer_mask', 'head_mask_of', 'random_draws', 'causal_check', 'save_figure',
-           'plot_head_maps', 'plot_layer_profiles', 'plot_ablations']
+__all__ = ['head_entropy', 'attention_kl', 'hidden_cosine', 'layer_entropies', 'read_internals', 'DiffResult',
+           'bootstrap_share_below_zero', 'check_comparable', 'differential_analysis', 'head_outputs',
+           'mean_head_outputs', 'run_with_head_outputs', 'AblationComparison', 'layer_mask', 'head_mask_of',
+           'random_draws', 'causal_check', 'save_figure', 'plot_head_maps', 'plot_layer_profiles', 'plot_ablations']
 
 # %% ../nbs/05_diff.ipynb #7d037566
 def _query_mask(attention_mask: torch.Tensor | None, b: int, T: int, device) -> torch.Tensor:
@@ -56,6 +56,25 @@ def hidden_cosine(h_a: torch.Tensor, h_b: torch.Tensor, attention_mask: torch.Te
     cos = F.cosine_similarity(h_a.float(), h_b.float(), dim=-1)                              # [b, pos]
     w = _query_mask(attention_mask, cos.shape[0], cos.shape[1], cos.device).float()
     return (cos * w).sum(-1) / w.sum(-1)
+
+# %% ../nbs/05_diff.ipynb #aa5e0899
+def layer_entropies(model: str = "smollm2-135m", dataset: str = "aclsum", split: str = "train", aspect: str = "outcome",
+                    n_examples: int = 10, max_source_tokens: int = 256, device: str = "auto") -> dict[str, list[float]]:
+    "Mean attention entropy (raw and normalized) per layer over `n_examples` prompts, one forward pass each."
+    lm = load_model(model, device=device)
+    spec = lm.spec
+    examples = load_examples(dataset, split, aspect, n=n_examples)
+    raw, norm = torch.zeros(spec.n_layers), torch.zeros(spec.n_layers)
+    for ex in tqdm(examples, desc="examples"):
+        b = collate([build_prompt(ex, lm.tokenizer, max_source_tokens, max_length=spec.n_ctx)], lm.tokenizer.pad_token_id)
+        b = b.to(lm.device)
+        probs = []
+        with torch.no_grad(), lm.model.trace(b.input_ids, attention_mask=b.attention_mask):
+            for l in range(spec.n_layers): probs.append(spec.pattern(lm.model, l).save())
+        for l, p in enumerate(probs):
+            raw[l] += head_entropy(p, b.attention_mask).mean().item() / len(examples)
+            norm[l] += head_entropy(p, b.attention_mask, normalized=True).mean().item() / len(examples)
+    return {"entropy": raw.tolist(), "normalized_entropy": norm.tolist()}
 
 # %% ../nbs/05_diff.ipynb #a1cb237c
 def read_internals(lm: LoadedModel, batch: Batch) -> dict[str, torch.Tensor]:

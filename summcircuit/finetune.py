@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_finetune.ipynb #3d2625c4
 from __future__ import annotations
-import math
+import math, os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -12,14 +12,15 @@ from typing import Sequence
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from .core import content_hash, load_json, save_json, seed_everything
-from .data import Prompt, SummaryExample, build_prompt, collate
+from .core import content_hash, load_json, run_dir, save_json, seed_everything
+from .data import Prompt, SummaryExample, build_prompt, collate, load_examples
 from .models import WEIGHT_FILES, ArchSpec, LoadedModel, load_model
 
 # %% auto #0
 __all__ = ['INDEX_NAME', 'PARAMS_NAME', 'FINETUNE_COMMAND', 'TrainingConfig', 'training_prompts', 'PromptDataset',
            'SummaryCollator', 'training_arguments', 'Checkpoint', 'load_checkpoints', 'CheckpointIndex',
-           'TrainingDiverged', 'StopOnNonFinite', 'FinetuneRun', 'finetune', 'plot_loss_curve']
+           'TrainingDiverged', 'StopOnNonFinite', 'FinetuneRun', 'world_size', 'finetune', 'finetune_stage',
+           'plot_loss_curve']
 
 # %% ../nbs/03_finetune.ipynb #5fbbd68b
 @dataclass
@@ -168,6 +169,7 @@ class CheckpointIndex(TrainerCallback):
     def __init__(self, folder: Path): self.folder = Path(folder)
 
     def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero: return control       # one writer under data parallelism
         step = state.global_step
         entries = [e for e in load_json(self.folder / INDEX_NAME) if e["step"] < step]
         entries.append(asdict(Checkpoint(step, f"checkpoint-{step}", _eval_loss_at(state.log_history, step))))
@@ -213,6 +215,10 @@ def _base_path(name: str) -> str:
     "The base model's name for `load_model`: local folders are made absolute, other names kept as given."
     return str(Path(name).expanduser().resolve()) if name and Path(name).expanduser().is_dir() else name
 
+def world_size() -> int:
+    "Processes of a distributed launch (`torchrun`, `accelerate launch` set `WORLD_SIZE`); 1 when not distributed."
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
 def finetune(lm: LoadedModel, train_examples: Sequence[SummaryExample], val_examples: Sequence[SummaryExample],
              folder: str | Path, cfg: TrainingConfig | None = None, seed: int = 0,
              callbacks: Sequence[TrainerCallback] = (), progress: bool = True) -> FinetuneRun:
@@ -228,8 +234,8 @@ def finetune(lm: LoadedModel, train_examples: Sequence[SummaryExample], val_exam
               "val_ids": [p.example_id for p in val]}
     key = content_hash(params)
     index = folder / INDEX_NAME
-    resume = None
-    if index.exists():
+    resume, fresh = None, not index.exists()     # read once: under data parallelism another process writes it
+    if not fresh:
         old = load_json(folder / PARAMS_NAME) if (folder / PARAMS_NAME).exists() else {}
         if old.get("key") != key:
             raise ValueError(f"{folder} holds a fine-tuning run made with other parameters (model, configuration, "
@@ -239,29 +245,38 @@ def finetune(lm: LoadedModel, train_examples: Sequence[SummaryExample], val_exam
         if done[-1].step >= max_steps:
             return FinetuneRun(folder, done, _log_history(folder, done[-1]))
         if done[-1].step > 0: resume = done[-1].path
+    world = world_size()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size={cfg.batch_size} does not split over {world} processes: the batch is global "
+                         f"(each process takes batch_size / {world}); use a multiple of {world}.")
     seed_everything(seed)
     args = training_arguments(cfg, folder, max_steps=max_steps, learning_rate=cfg.learning_rate,
-                              batch_size=cfg.batch_size, eval_steps=cfg.checkpoint_every,
+                              batch_size=cfg.batch_size // world, eval_steps=cfg.checkpoint_every,
                               save_steps=cfg.checkpoint_every, seed=seed, device=lm.device, progress=progress)
     trainer = Trainer(model=lm.hf, args=args, train_dataset=PromptDataset(train), eval_dataset=PromptDataset(val),
                       data_collator=SummaryCollator(lm.tokenizer.pad_token_id), processing_class=lm.tokenizer,
                       callbacks=[CheckpointIndex(folder), *callbacks])
     if not progress: trainer.remove_callback(PrinterCallback)   # quiet: no per-step log lines
-    if not index.exists():
+    if fresh:
         base_loss = trainer.evaluate()["eval_loss"]
+        # accelerate marks a model it prepared for evaluation as prepared, and would then not wrap it for
+        # data-parallel training (each process would train alone): unmark it
+        if getattr(lm.hf, "_is_accelerate_prepared", False): del lm.hf._is_accelerate_prepared
         if not math.isfinite(base_loss):
             raise TrainingDiverged(f"Stage finetune: the base model {lm.name!r} gives a validation loss of {base_loss} "
                                    "before any training (cause: NaN/inf weights in the base model, or validation "
                                    "documents without summary tokens). Fix: check the model's weights and the data; "
                                    f"nothing was written to {folder}.")
-        save_json(folder / PARAMS_NAME, {"key": key, **params})
-        save_json(index, [asdict(Checkpoint(0, _base_path(lm.name), base_loss))])
+        if trainer.is_world_process_zero():
+            save_json(folder / PARAMS_NAME, {"key": key, **params})
+            save_json(index, [asdict(Checkpoint(0, _base_path(lm.name), base_loss))])
     guard = StopOnNonFinite()
     trainer.add_callback(guard)
     try:
         trainer.train(resume_from_checkpoint=resume)
     finally:
         lm.hf.eval()
+    trainer.accelerator.wait_for_everyone()                  # the index is complete for every process
     done = load_checkpoints(folder)
     if guard.bad:
         step, what = guard.bad
@@ -271,7 +286,7 @@ def finetune(lm: LoadedModel, train_examples: Sequence[SummaryExample], val_exam
             f"{min(cfg.learning_rate / 10, 1e-4):g}) and rerun. The last finite checkpoint (step {done[-1].step}) "
             f"is kept in {folder}; the stage is not marked done.")
     history = trainer.state.log_history
-    save_json(folder / "log_history.json", history)
+    if trainer.is_world_process_zero(): save_json(folder / "log_history.json", history)
     return FinetuneRun(folder, done, history)
 
 def _log_history(folder: Path, last: Checkpoint) -> list[dict]:
@@ -281,6 +296,31 @@ def _log_history(folder: Path, last: Checkpoint) -> list[dict]:
             data = load_json(p)
             return data["log_history"] if isinstance(data, dict) else data
     return []
+
+# %% ../nbs/03_finetune.ipynb #dbb1b940
+def finetune_stage(run_name: str | None, model: str, dataset: str, aspect: str = "outcome",
+                   n_examples: int | None = None, device: str = "auto", seed: int = 0, *,
+                   base: TrainingConfig | None = None, folder: str | Path | None = None, n_val: int | None = None,
+                   progress: bool = True, **sizes) -> FinetuneRun:
+    """The fine-tuning stage of run `run_name`, into `runs/<run_name>/finetune/` (or `folder`): `base` (default
+    `TrainingConfig()`) with `n_examples` training and `n_val` validation documents and the other `sizes` the stage
+    takes (`max_steps`, `checkpoint_every`, `learning_rate`, `batch_size`, `max_source_tokens`; None keeps the
+    default). The stage notebook calls it, and so does `summcircuit finetune`, which a distributed launcher
+    (`torchrun`, `accelerate launch`) starts once per process: each then loads the model on its own GPU."""
+    known = {"max_steps", "checkpoint_every", "learning_rate", "batch_size", "max_source_tokens"}
+    if unknown := sorted(set(sizes) - known): raise TypeError(f"finetune_stage takes no {unknown}; it takes {sorted(known)}.")
+    overrides = {k: v for k, v in dict(sizes, n_train=n_examples, n_val=n_val).items() if v is not None}
+    cfg = replace(base or TrainingConfig(), **overrides)
+    folder = Path(folder) if folder is not None else run_dir(run_name) / "finetune"
+    if world_size() > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    train_docs = load_examples(dataset, "train", aspect, n=cfg.n_train, seed=seed)
+    val_docs = load_examples(dataset, "val", aspect, n=cfg.n_val, seed=seed)
+    if progress:
+        print(f"{model} on {len(train_docs)} {dataset} training / {len(val_docs)} validation documents, "
+              f"{cfg.total_steps(len(train_docs))} steps, a checkpoint every {cfg.checkpoint_every}"
+              + (f", {world_size()} processes" if world_size() > 1 else ""))
+    return finetune(load_model(model, device=device), train_docs, val_docs, folder, cfg, seed=seed, progress=progress)
 
 # %% ../nbs/03_finetune.ipynb #48f2bf92
 def plot_loss_curve(log_history: list[dict], checkpoints: Sequence[Checkpoint] = (), title: str = ""):

@@ -4,7 +4,8 @@
 
 # %% ../nbs/10_pipeline.ipynb #25fab786
 from __future__ import annotations
-import argparse, ast, importlib.util, os, re, shlex, shutil, sys, time
+import argparse, ast, importlib.util, multiprocessing, os, queue, re, shlex, shutil, sys, time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -12,40 +13,19 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import yaml
-from tqdm.auto import tqdm
 
 from .core import FolderLocked, content_hash, file_fingerprint, fingerprint_problem, folder_lock, load_json, save_json
-from .data import build_prompt, collate, load_examples
-from .diff import head_entropy
-from .models import load_model
+from .diff import layer_entropies
 
 # %% auto #0
 __all__ = ['DEVICE_PATTERN', 'PARAMETER_RULES', 'PARAMETER_CHOICES', 'SHARED_PARAMETERS', 'STAGES', 'STALE', 'DEMO_TAG',
-           'PROGRESS', 'layer_entropies', 'project_root', 'runs_root', 'RunConfig', 'Yaml12Loader', 'check_run_name',
-           'check_shared', 'load_config', 'notebook_parameters', 'notebook_parameter_types', 'parameter_types',
-           'check_parameter', 'notebook_text', 'check_value', 'Stage', 'stage_named', 'Job', 'library_modules',
-           'job_key', 'select_checkpoints', 'StageNotReady', 'stage_parameters', 'plan_stage', 'StageFailed',
-           'move_aside', 'restore_aside', 'job_outputs', 'stage_input', 'progress_mode', 'execute_job', 'JobRecord',
-           'PipelineResult', 'run_pipeline', 'write_stage_notebook', 'smoke', 'run_command', 'report_command', 'main']
-
-# %% ../nbs/10_pipeline.ipynb #aa5e0899
-def layer_entropies(model: str = "smollm2-135m", dataset: str = "aclsum", split: str = "train", aspect: str = "outcome",
-                    n_examples: int = 10, max_source_tokens: int = 256, device: str = "auto") -> dict[str, list[float]]:
-    "Mean attention entropy (raw and normalized) per layer over `n_examples` prompts, one forward pass each."
-    lm = load_model(model, device=device)
-    spec = lm.spec
-    examples = load_examples(dataset, split, aspect, n=n_examples)
-    raw, norm = torch.zeros(spec.n_layers), torch.zeros(spec.n_layers)
-    for ex in tqdm(examples, desc="examples"):
-        b = collate([build_prompt(ex, lm.tokenizer, max_source_tokens, max_length=spec.n_ctx)], lm.tokenizer.pad_token_id)
-        b = b.to(lm.device)
-        probs = []
-        with torch.no_grad(), lm.model.trace(b.input_ids, attention_mask=b.attention_mask):
-            for l in range(spec.n_layers): probs.append(spec.pattern(lm.model, l).save())
-        for l, p in enumerate(probs):
-            raw[l] += head_entropy(p, b.attention_mask).mean().item() / len(examples)
-            norm[l] += head_entropy(p, b.attention_mask, normalized=True).mean().item() / len(examples)
-    return {"entropy": raw.tolist(), "normalized_entropy": norm.tolist()}
+           'PROGRESS', 'project_root', 'runs_root', 'RunConfig', 'Yaml12Loader', 'check_run_name', 'check_shared',
+           'load_config', 'notebook_parameters', 'notebook_parameter_types', 'parameter_types', 'check_parameter',
+           'notebook_text', 'check_value', 'Stage', 'stage_named', 'Job', 'library_modules', 'job_key',
+           'select_checkpoints', 'StageNotReady', 'stage_parameters', 'plan_stage', 'StageFailed', 'move_aside',
+           'restore_aside', 'job_outputs', 'stage_input', 'progress_mode', 'execute_job', 'job_environment',
+           'execute_side_by_side', 'JobRecord', 'PipelineResult', 'run_pipeline', 'write_stage_notebook', 'smoke',
+           'run_command', 'finetune_command', 'report_command', 'main']
 
 # %% ../nbs/10_pipeline.ipynb #2cf3d64b
 def project_root(start: str | Path | None = None) -> Path:
@@ -512,9 +492,11 @@ def _snapshot(run_folder: Path) -> dict[str, tuple[int, int]]:
 
 _BOOKKEEPING = {".done.json", ".started.json", ".lock", "pipeline.json", "config.json"}
 
-def job_outputs(job: Job, before: dict[str, tuple[int, int]] | None = None) -> list[str]:
+def job_outputs(job: Job, before: dict[str, tuple[int, int]] | None = None, beside: bool = False) -> list[str]:
     """The files a finished job made, relative to the run folder: everything in its folder, plus the files it wrote
-    elsewhere in the run folder (new or changed since `before`) outside other jobs' folders; bookkeeping left out."""
+    elsewhere in the run folder (new or changed since `before`) outside other jobs' folders; bookkeeping left out.
+    A job run `beside` others of its stage claims, of those elsewhere, only files named after its folder (e.g.
+    `faithfulness-step-4.png` for `step-4/`): the others' files change in the same time."""
     run_folder = job.executed.parent
     own = job.folder.relative_to(run_folder).as_posix() + "/"
     out = []
@@ -523,6 +505,7 @@ def job_outputs(job: Job, before: dict[str, tuple[int, int]] | None = None) -> l
         if name in _BOOKKEEPING or name.startswith(".input-") or run_folder / rel == job.executed: continue
         if rel.startswith(own): out.append(rel); continue
         if before is None or before.get(rel) == stat: continue
+        if beside and not re.search(rf"{re.escape(job.folder.name)}(?!\w)", name): continue
         parents = list(Path(rel).parents)[:-1]
         if any((run_folder / p / ".done.json").exists() or (run_folder / p / ".started.json").exists() for p in parents): continue
         out.append(rel)
@@ -551,7 +534,7 @@ def progress_mode(progress: bool | str) -> str:
     return mode
 
 def execute_job(job: Job, root: Path, runs: Path, progress: bool | str = True, kernel_name: str = "python3",
-                damaged: str = "") -> float:
+                damaged: str = "", beside: bool = False) -> float:
     """Execute `job`'s notebook with papermill; returns the seconds it took; raises `StageFailed`. Results of other
     parameters (or `damaged` ones) are moved aside first, deleted after success and put back on failure. `progress`
     (`progress_mode`): `live` streams what the notebook prints as it runs — its progress bars (training steps,
@@ -591,7 +574,7 @@ def execute_job(job: Job, root: Path, runs: Path, progress: bool | str = True, k
         if not isinstance(e, Exception): raise   # KeyboardInterrupt
         raise StageFailed(job, f"{type(e).__name__}: {e}", failed) from e
     seconds = time.time() - t0
-    outputs = {rel: file_fingerprint(run_folder / rel) for rel in job_outputs(job, before)}
+    outputs = {rel: file_fingerprint(run_folder / rel) for rel in job_outputs(job, before, beside)}
     save_json(job.done_file, record | {"seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "outputs": outputs})
     if aside is not None: shutil.rmtree(aside)
     for left in (run_folder / STALE).glob(f"{job.id}--*"): shutil.rmtree(left)   # left by a killed process
@@ -599,6 +582,44 @@ def execute_job(job: Job, root: Path, runs: Path, progress: bool | str = True, k
     failed_nb = job.executed.with_name(f"{job.executed.stem}.failed.ipynb")
     failed_nb.unlink(missing_ok=True)
     return seconds
+
+# %% ../nbs/10_pipeline.ipynb #9590cd1f
+def job_environment(slot: int, n_jobs: int) -> dict[str, str]:
+    """The environment of the job in `slot` of `n_jobs` run side by side: a GPU of its own where PyTorch sees GPUs
+    (in turn, within `CUDA_VISIBLE_DEVICES`), else an equal share of the CPU cores as its thread count."""
+    if n_jobs <= 1: return {}
+    if torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        return {"CUDA_VISIBLE_DEVICES": ids[slot % len(ids)]}
+    threads = str(max(1, (os.cpu_count() or 1) // n_jobs))
+    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+def _execute_in_process(job: Job, root: Path, runs: Path, progress: bool | str, damaged: str,
+                        env: dict[str, str]) -> tuple[float, str | None, str | None]:
+    "`execute_job` in a process of its own with `env` set: (seconds, error or None, the failed notebook or None)."
+    os.environ.update(env)
+    try: return execute_job(job, root, runs, progress, damaged=damaged, beside=True), None, None
+    except StageFailed as e: return 0.0, e.error, str(e.notebook)
+
+def execute_side_by_side(jobs: Sequence[tuple[Job, str]], n_jobs: int, root: Path, runs: Path,
+                         progress: bool | str = True) -> list[float | StageFailed]:
+    """Execute `jobs` (each with its `damaged` note, see `execute_job`) at most `n_jobs` at a time, each in a process
+    of its own with its slot's `job_environment`; per job, the seconds it took or its `StageFailed`."""
+    slots: queue.Queue[int] = queue.Queue()
+    for s in range(n_jobs): slots.put(s)
+    spawn = multiprocessing.get_context("spawn")              # a clean process: no inherited torch threads or CUDA
+    def one(item: tuple[Job, str]) -> float | StageFailed:
+        job, damaged = item
+        slot = slots.get()
+        try:
+            with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+                seconds, error, failed = pool.submit(_execute_in_process, job, root, runs, progress, damaged,
+                                                     job_environment(slot, n_jobs)).result()
+        finally: slots.put(slot)
+        return seconds if error is None else StageFailed(job, error, Path(failed))
+    with ThreadPoolExecutor(n_jobs) as threads:
+        return list(threads.map(one, jobs))
 
 # %% ../nbs/10_pipeline.ipynb #cde09c7b
 @dataclass
@@ -634,9 +655,11 @@ def _save_manifest(run_folder: Path, cfg: RunConfig, records: list[JobRecord], s
 
 def run_pipeline(cfg: RunConfig, runs: str | Path | None = None, stages: Sequence[Stage] = STAGES,
                  root: str | Path | None = None, progress: bool | str = True, strict: bool = False,
-                 log=print, command: str = "") -> PipelineResult:
+                 log=print, command: str = "", jobs: int = 1) -> PipelineResult:
     """Run (or resume) every stage of `cfg` into `runs/<cfg.name>/`; returns what ran, what was cached, what failed.
-    Holds the run folder's lock (`FolderLocked` if another process has it); `command` is shown to whoever waits."""
+    Holds the run folder's lock (`FolderLocked` if another process has it); `command` is shown to whoever waits.
+    `jobs` > 1 runs up to that many jobs of a stage side by side (`execute_side_by_side`)."""
+    if not isinstance(jobs, int) or jobs < 1: raise ValueError(f"jobs={jobs!r}: pass a whole number of at least 1.")
     root = Path(root).resolve() if root else project_root()
     runs = runs_root(runs)
     check_shared(cfg)
@@ -652,10 +675,10 @@ def run_pipeline(cfg: RunConfig, runs: str | Path | None = None, stages: Sequenc
         raise ValueError(f"name={cfg.name!r} is not allowed: the run folder {run_folder.resolve()} would be outside {runs}.")
     run_folder.mkdir(parents=True, exist_ok=True)
     with folder_lock(run_folder, command):
-        return _run_locked(cfg, runs, run_folder, stages, root, progress, strict, log)
+        return _run_locked(cfg, runs, run_folder, stages, root, progress, strict, log, jobs)
 
 def _run_locked(cfg: RunConfig, runs: Path, run_folder: Path, stages: Sequence[Stage], root: Path, progress: bool | str,
-                strict: bool, log) -> PipelineResult:
+                strict: bool, log, n_jobs: int = 1) -> PipelineResult:
     save_json(run_folder / "config.json", asdict(cfg))
     keys: dict[str, str] = {}
     records: list[JobRecord] = []
@@ -678,6 +701,7 @@ def _run_locked(cfg: RunConfig, runs: Path, run_folder: Path, stages: Sequence[S
             continue
         if not jobs:
             log(f"{head}: nothing to do (no checkpoint selected)")
+        pending = []                                   # (label, job, record, damaged) of the jobs to run
         for j, job in enumerate(jobs, 1):
             sub = f"{head} {job.title}" + (f" ({j}/{len(jobs)})" if len(jobs) > 1 else "")
             rec = JobRecord(stage.name, job.id, job.title, "cached", str(job.executed.relative_to(run_folder)), key=job.key,
@@ -686,19 +710,30 @@ def _run_locked(cfg: RunConfig, runs: Path, run_folder: Path, stages: Sequence[S
             if done:
                 rec.seconds = load_json(job.done_file).get("seconds", 0.0)
                 log(f"{sub}: done before, skipped (key {job.key})")
+                records.append(rec)
             else:
                 if damaged: log(f"{sub}: {damaged}: running it again")
-                log(f"{sub}: nbs/{stage.notebook} -> {job.executed}")
-                try:
-                    rec.seconds, rec.status = execute_job(job, root, runs, progress, damaged=damaged), "ran"
-                except StageFailed as e:
-                    rec.status, rec.reason = "failed", e.error
-                    rec.executed = str(e.notebook.relative_to(run_folder))
-                    records.append(rec); _save_manifest(run_folder, cfg, records, stages)
-                    return PipelineResult(run_folder, records, e)
-                log(f"{sub}: done in {rec.seconds:.0f} s")
-            records.append(rec)
+                pending.append((sub, job, rec, damaged))
+        if n_jobs > 1 and len(pending) > 1:            # side by side; a last job that reads the others runs after them
+            waves = [pending[:-1], pending[-1:]] if stage.last and pending[-1][1] is jobs[-1] else [pending]
+        else: waves = [[p] for p in pending]
+        for wave in waves:
+            for sub, job, _, _ in wave: log(f"{sub}: nbs/{stage.notebook} -> {job.executed}")
+            if len(wave) == 1:
+                try: outcomes = [execute_job(wave[0][1], root, runs, progress, damaged=wave[0][3])]
+                except StageFailed as e: outcomes = [e]
+            else: outcomes = execute_side_by_side([(job, damaged) for _, job, _, damaged in wave], n_jobs, root, runs, progress)
+            for (sub, job, rec, _), outcome in zip(wave, outcomes):
+                if isinstance(outcome, StageFailed):
+                    rec.status, rec.reason = "failed", outcome.error
+                    rec.executed = str(outcome.notebook.relative_to(run_folder))
+                else:
+                    rec.seconds, rec.status = outcome, "ran"
+                    log(f"{sub}: done in {rec.seconds:.0f} s")
+                records.append(rec)
             _save_manifest(run_folder, cfg, records, stages)
+            if failed := next((o for o in outcomes if isinstance(o, StageFailed)), None):
+                return PipelineResult(run_folder, records, failed)
         keys[stage.name] = content_hash(sorted(j.key for j in jobs))
     _save_manifest(run_folder, cfg, records, stages)
     return PipelineResult(run_folder, records)
@@ -739,7 +774,7 @@ def run_command(args: argparse.Namespace) -> int:
     t0 = time.time()
     try:
         res = run_pipeline(cfg, args.runs_root, progress="none" if args.no_progress else args.progress, strict=args.strict,
-                           command=command)
+                           command=command, jobs=args.jobs)
     except KeyboardInterrupt:
         print(f"\nInterrupted. Finished stages are kept; rerun `{command}` to resume.", file=sys.stderr)
         return 130
@@ -759,6 +794,23 @@ def run_command(args: argparse.Namespace) -> int:
                   f"Retry with `summcircuit report {res.run_folder}`.", file=sys.stderr)
             return 1
         print(f"report: {site / 'index.html'}")
+    return 0
+
+def finetune_command(args: argparse.Namespace) -> int:
+    """`summcircuit finetune`: only the fine-tuning stage of a configuration, in this process, so that a distributed
+    launcher can start it once per process (`torchrun --nproc_per_node N $(which summcircuit) finetune`); a later
+    `summcircuit run` finds it finished and goes on."""
+    from summcircuit.finetune import finetune_stage, world_size
+    cfg = load_config(args.config, args.set or (), args.name)
+    params = stage_parameters(STAGES[0], cfg, project_root() / "nbs")
+    os.environ["SUMMCIRCUIT_RUNS"] = str(runs_root(args.runs_root))
+    lead = int(os.environ.get("RANK", "0")) == 0
+    t0 = time.time()
+    result = finetune_stage(**params, progress=lead)
+    if torch.distributed.is_initialized(): torch.distributed.destroy_process_group()   # else gloo aborts at exit
+    if lead:
+        print(f"fine-tuned in {time.time() - t0:.0f} s on {world_size()} process(es): {len(result.checkpoints)} "
+              f"checkpoints in {result.folder}; `summcircuit run --config {args.config}` goes on from here.")
     return 0
 
 def report_command(args: argparse.Namespace) -> int:
@@ -785,7 +837,17 @@ def main(argv: list[str] | None = None) -> int:
                         "the default); cells: papermill's cell counter; none: only a line per stage")
     r.add_argument("--no-progress", action="store_true", help="the same as --progress none")
     r.add_argument("--strict", action="store_true", help="fail (instead of skipping) when a stage notebook is not ready")
+    r.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run up to N jobs of a per-checkpoint stage side by side, each with a GPU of its own when there are "
+                        "GPUs, else an equal share of the CPU cores (default 1)")
     r.set_defaults(func=run_command)
+    f = sub.add_parser("finetune", help="only the fine-tuning stage, in this process: what torchrun / accelerate launch "
+                                        "start once per process for data-parallel fine-tuning")
+    f.add_argument("--config", default="default", help="a configuration name in configs/ or a YAML path")
+    f.add_argument("--name", default=None, help="run name (folder runs/<name>/); default: the configuration's name")
+    f.add_argument("--set", action="append", metavar="finetune.PARAM=VALUE", help="override a parameter; repeatable")
+    f.add_argument("--runs-root", default=None, help="folder of the runs (default: $SUMMCIRCUIT_RUNS or ./runs)")
+    f.set_defaults(func=finetune_command)
     p = sub.add_parser("report", help="render the results website of one or more runs into _site/")
     p.add_argument("runs", nargs="+", help="run folders, e.g. runs/default; several add a comparison page")
     p.add_argument("--out", default="_site", help="output folder (default: _site)")

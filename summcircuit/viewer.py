@@ -11,14 +11,14 @@ from typing import Sequence
 
 import torch
 
-from .circuits import circuit_nodes
+from .circuits import circuit_nodes, compare_circuits
 from .core import atomic_write
 from .graph import Graph
 
 CYTOSCAPE_JS = Path(str(files("summcircuit"))) / "static" / "cytoscape.min.js"     # cytoscape 3.35.0 from npm (MIT)
 
 # %% auto #0
-__all__ = ['CYTOSCAPE_JS', 'node_positions', 'circuit_elements', 'circuit_page', 'diff_counts', 'diff_page', 'write_viewers']
+__all__ = ['CYTOSCAPE_JS', 'DIFF_COUNTS', 'node_positions', 'circuit_elements', 'circuit_page', 'diff_page', 'write_viewers']
 
 # %% ../nbs/08c_viewer.ipynb #a8644ade
 def _node_id(graph: Graph, span: int, source: int | None) -> str:
@@ -31,8 +31,8 @@ def node_positions(graph: Graph, span: int, source: int | None) -> tuple[float, 
     x0 = span * (H + 3) * 60
     if source is None: return x0 + H * 30, (L + 1) * 80
     if source == 0: return x0 + H * 30, 0.0
-    l, k = divmod(source - 1, H + 1)
-    return x0 + k * 60, (l + 1) * 80
+    l = int(graph.source_layer[source])
+    return x0 + (source - graph.head_source(l, 0)) * 60, (l + 1) * 80
 
 def _owner(graph: Graph, destination: int) -> int | None:
     "The source node that reads `destination` (the first head of a shared k/v group); None for the logits."
@@ -136,11 +136,7 @@ def circuit_page(circuit: torch.Tensor, scores: torch.Tensor, graph: Graph, titl
     return _page(title, bar, els, counts)
 
 # %% ../nbs/08c_viewer.ipynb #8ca6b50a
-def diff_counts(a: torch.Tensor, b: torch.Tensor, graph: Graph) -> dict[str, int]:
-    "Edges kept / added / removed and node instances persisting / entering / leaving from circuit `a` to `b`."
-    na, nb = circuit_nodes(a, graph), circuit_nodes(b, graph)
-    return {"edges_kept": int((a & b).sum()), "edges_added": int((b & ~a).sum()), "edges_removed": int((a & ~b).sum()),
-            "nodes_persisting": int((na & nb).sum()), "nodes_entering": int((nb & ~na).sum()), "nodes_leaving": int((na & ~nb).sum())}
+DIFF_COUNTS = ("edges_kept", "edges_added", "edges_removed", "nodes_persisting", "nodes_entering", "nodes_leaving")
 
 def diff_page(a: torch.Tensor, b: torch.Tensor, scores_a: torch.Tensor, scores_b: torch.Tensor, graph: Graph,
               labels: Sequence[str] = ("earlier", "later")) -> str:
@@ -157,7 +153,7 @@ def diff_page(a: torch.Tensor, b: torch.Tensor, scores_a: torch.Tensor, scores_b
         nid = _node_id(graph, span[0] if span else 0, src)
         status[nid] = "kept" if na[tuple(i)] and nb[tuple(i)] else "added" if nb[tuple(i)] else "removed"
     els = circuit_elements(union, scores, graph, status)
-    counts = diff_counts(a, b, graph)
+    counts = {k: v for k, v in compare_circuits(a, b, graph).items() if k in DIFF_COUNTS}
     legend = (f'<span class="legend">{html.escape(labels[0])} → {html.escape(labels[1])}: '
               f'<span style="background:#ddd">{counts["edges_kept"]} edges kept</span> '
               f'<span style="background:#c7e9c0">{counts["edges_added"]} added</span> '
@@ -178,6 +174,6 @@ def write_viewers(folder: str | Path, snapshots: Sequence[tuple[int, torch.Tenso
     if len(snapshots) > 2: pairs.append((snapshots[0], snapshots[-1]))
     for (sa, ca, xa), (sb, cb, xb) in pairs:
         written.append(atomic_write(folder / f"diff-{sa}-{sb}.html", diff_page(ca, cb, xa, xb, graph, (f"step {sa}", f"step {sb}"))))
-        index.append({"page": written[-1].name, "title": f"step {sa} vs step {sb}", **diff_counts(ca, cb, graph)})
+        index.append({"page": written[-1].name, "title": f"step {sa} vs step {sb}", **{k: v for k, v in compare_circuits(ca, cb, graph).items() if k in DIFF_COUNTS}})
     written.append(atomic_write(folder / "index.json", json.dumps({"steps": [s for s, _, _ in snapshots], "pages": index}, indent=1)))
     return written

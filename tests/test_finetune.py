@@ -1,5 +1,6 @@
 """Fine-tuning: loss on summary tokens only, the checkpoint index, exact resume, and refusing bad input."""
 import os, sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,3 +136,60 @@ def test_bad_input_fails_clearly_and_overwrites_nothing(tmp_path):
     (folder / "checkpoint-1" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="checkpoint-1 .step 1. has no model weights"):
         load_checkpoints(tmp_path / "r")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_gloo_processes_match_one_process(tmp_path):
+    """`finetune` under `torchrun --nproc_per_node 2` (gloo on CPU; each process takes half of the global batch of 4)
+    ends with the weights, checkpoint index and validation losses of one process on the same global batch."""
+    import socket, subprocess
+    from safetensors.torch import load_file
+    script = Path(__file__).parent / "ddp_finetune.py"
+    env = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one")], env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(port), str(script), str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=500)
+    assert two.returncode == 0, two.stderr[-3000:]
+    index_one, index_two = load_json(tmp_path / "one" / INDEX_NAME), load_json(tmp_path / "two" / INDEX_NAME)
+    assert [c["step"] for c in index_one] == [c["step"] for c in index_two] == [0, 3]
+    for a, b in zip(index_one, index_two): assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-5)
+    w_one = load_file(tmp_path / "one" / "checkpoint-3" / "model.safetensors")
+    w_two = load_file(tmp_path / "two" / "checkpoint-3" / "model.safetensors")
+    w_base = load_model("tiny-llama", device="cpu").hf.state_dict()
+    assert w_one.keys() == w_two.keys()
+    moved = max((w_one[k] - w_base[k]).abs().max().item() for k in w_one)
+    assert moved > 1e-3                                        # training changed the weights (the test can fail)
+    for k in w_one: torch.testing.assert_close(w_two[k], w_one[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_summcircuit_finetune_under_torchrun_is_what_the_stage_then_finds(tmp_path):
+    """`torchrun --nproc_per_node 2 $(which summcircuit) finetune --config smoke` fine-tunes into the run folder;
+    the stage (`finetune_stage` with the pipeline's parameters, as its notebook calls it) then finds it finished
+    and trains nothing: every checkpoint file is left as it was."""
+    import socket, subprocess
+    from summcircuit.finetune import finetune_stage
+    from summcircuit.pipeline import STAGES, load_config, project_root, stage_parameters
+    env = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(port), str(Path(sys.executable).parent / "summcircuit"), "finetune", "--config",
+                          "smoke", "--runs-root", str(tmp_path)], env=env, capture_output=True, text=True, timeout=500,
+                         cwd=project_root())
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "2 process(es)" in res.stdout and res.stdout.count("fine-tuned in") == 1    # one process reports
+    folder = tmp_path / "smoke" / "finetune"
+    index = load_json(folder / INDEX_NAME)
+    assert [c["step"] for c in index] == [0, 2, 4]
+    stamps = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+    params = stage_parameters(STAGES[0], load_config("smoke", configs_dir=project_root() / "configs"), project_root() / "nbs")
+    os.environ["SUMMCIRCUIT_RUNS"] = str(tmp_path)
+    try: result = finetune_stage(**params, progress=False)
+    finally: del os.environ["SUMMCIRCUIT_RUNS"]
+    assert [c.step for c in result.checkpoints] == [0, 2, 4]
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} == stamps

@@ -41,7 +41,9 @@ write('finetune/checkpoints.json', cks)"""),
         PRELUDE + "log('diff', run_name=run_name, checkpoint_b=checkpoint_b, n_examples=n_examples)\n"
                   "write('diff/results.json', {'checkpoint_b': checkpoint_b})"),
     "08_circuits.ipynb": (COMMON + "checkpoint = None\nstep = 0\nevolution = False\n",
-        PRELUDE + "log('circuits', checkpoint=checkpoint, step=step, evolution=evolution)\n"
+        PRELUDE + "import time\nstart = time.time(); time.sleep(float(os.environ.get('FAKE_SLEEP', 0)))\n"
+                  "log('circuits', checkpoint=checkpoint, step=step, evolution=evolution, start=start, end=time.time(),\n"
+                  "    threads=os.environ.get('OMP_NUM_THREADS'))\n"
                   "assert str(step) != os.environ.get('FAKE_FAIL_STEP'), f'asked to fail at step {step}'\n"
                   "write(f'circuits/step-{step}/circuit.json', {'checkpoint': checkpoint, 'step': step})"),
     "09_peft.ipynb": (COMMON + "fail = False\nseeds = None\n",
@@ -261,3 +263,27 @@ def test_live_progress_shows_what_the_notebooks_print(project, capfd):
     assert "fake progress finetune" in seen.out + seen.err and "fake progress peft" in seen.out + seen.err
     assert main(["run", "--config", "fake", "--no-report", "--no-progress", "--set", "finetune.max_steps=6"]) == 0
     assert "fake progress" not in "".join(capfd.readouterr())
+
+
+def test_jobs_run_a_stage_side_by_side_and_the_last_after(project, monkeypatch):
+    """`--jobs 2`: the circuits of steps 0 and 2 overlap in time, each with half the CPU threads, and step 4 (which
+    reads them) starts after both ended; a failure in one of them fails the run and keeps the other's result."""
+    import os
+    monkeypatch.setenv("FAKE_SLEEP", "3")
+    assert run("--jobs", "2") == 0
+    c = {e["step"]: e for e in executions(project) if e["stage"] == "circuits"}
+    assert c[0]["start"] < c[2]["end"] and c[2]["start"] < c[0]["end"], c          # side by side
+    assert c[4]["start"] >= max(c[0]["end"], c[2]["end"]), c                       # the evolution job waited
+    assert c[0]["threads"] == c[2]["threads"] == str(max(1, (os.cpu_count() or 1) // 2))
+    assert load_json(folder_of(project) / "pipeline.json")["jobs"][-1]["status"] == "ran"
+    # a failing side-by-side job: the run fails, names it, and the other job's result is kept and not rerun
+    import shutil
+    shutil.rmtree(folder_of(project) / "circuits")
+    monkeypatch.setenv("FAKE_SLEEP", "0"); monkeypatch.setenv("FAKE_FAIL_STEP", "2")
+    assert run("--jobs", "2") == 1
+    assert (folder_of(project) / "circuits" / "step-0" / ".done.json").exists()
+    monkeypatch.delenv("FAKE_FAIL_STEP")
+    n = len(executions(project))
+    assert run("--jobs", "2") == 0
+    assert sorted(e["step"] for e in executions(project)[n:] if e["stage"] == "circuits") == [2, 4]
+    assert run("--jobs", "0") == 2                                                  # refused with a message

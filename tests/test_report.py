@@ -72,6 +72,39 @@ def test_smoke_run_executes_every_ready_stage_and_the_rerun_nothing(smoke_run):
     print(f"smoke run: {smoke_run['first_s']:.0f} s, rerun {smoke_run['again_s']:.1f} s")
 
 
+def _numbers(obj, path=""):
+    "Every number in a JSON value, keyed by where it is."
+    if isinstance(obj, dict): return {k: v for key, val in obj.items() for k, v in _numbers(val, f"{path}/{key}").items()}
+    if isinstance(obj, list): return {k: v for i, val in enumerate(obj) for k, v in _numbers(val, f"{path}/{i}").items()}
+    return {path: obj} if isinstance(obj, (int, float)) and not isinstance(obj, bool) else {}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_jobs_side_by_side_give_the_same_results(smoke_run, tmp_path):
+    """The circuits jobs rerun with `--jobs 2` (steps 0 and 2 side by side, each with one CPU thread, then step 4,
+    which reads them) write the numbers the one-at-a-time run wrote, up to float rounding."""
+    runs = tmp_path / "runs"
+    shutil.copytree(smoke_run["folder"], runs / "smoke")
+    shutil.rmtree(runs / "smoke" / "circuits")
+    assert main(["run", "--config", "smoke", "--runs-root", str(runs), "--no-report", "--no-progress", "--jobs", "2"]) == 0
+    record = load_json(runs / "smoke" / "pipeline.json")
+    assert {j["stage"] for j in record["jobs"] if j["status"] == "ran"} == {"circuits"}
+    started = {s: load_json(runs / "smoke" / "circuits" / f"step-{s}" / ".started.json")["started"] for s in (0, 2, 4)}
+    finished = {s: load_json(runs / "smoke" / "circuits" / f"step-{s}" / ".done.json")["finished"] for s in (0, 2, 4)}
+    assert started[2] <= finished[0] and started[0] <= finished[2], (started, finished)     # they overlapped
+    assert started[4] >= max(finished[0], finished[2])                                      # the last waited
+    files = sorted(p.relative_to(smoke_run["folder"]) for p in (smoke_run["folder"] / "circuits").rglob("*.json")
+                   if not p.name.startswith("."))
+    assert files, "the smoke run wrote no circuit results"
+    for rel in files:
+        ours, theirs = _numbers(json.loads((runs / "smoke" / rel).read_text())), _numbers(json.loads((smoke_run["folder"] / rel).read_text()))
+        assert ours.keys() == theirs.keys(), rel
+        for k in ours:
+            if isinstance(theirs[k], float) and theirs[k] != theirs[k]: assert ours[k] != ours[k], (rel, k); continue   # NaN
+            assert abs(ours[k] - theirs[k]) <= 1e-4 + 1e-3 * abs(theirs[k]), (rel, k, ours[k], theirs[k])
+
+
 def chromium(args: list[str], timeout: int = 120) -> str:
     assert Path(CHROMIUM).exists(), "headless Chromium is missing: `apt-get install chromium` (make test installs it)"
     with tempfile.TemporaryDirectory() as profile:
