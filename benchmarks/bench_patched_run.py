@@ -39,10 +39,12 @@ def main():
     clean, corr = clean.to(lm.device), corr.to(lm.device)
     graph = Graph(lm.spec, "roles")
     run = CorruptedRun.of(lm, clean, corr, graph)            # made once per batch by the circuits stage too
+    clean_run = CorruptedRun.of(lm, clean, clean, graph)     # made once per batch by exact patching
     rng = random.Random(0)
     masks = {f"circuit_{n}_edges": random_circuit(graph, n, rng) for n in a.circuit_edges}
     masks |= {f"random_{f}": (torch.rand(graph.shape) < f) & graph.edges for f in a.fractions}
-    all_but_one = graph.edges.clone(); all_but_one[tuple(graph.edges.nonzero()[len(graph.edges.nonzero()) // 2])] = False
+    all_but_one = graph.edges.clone()                        # the input's edge into the middle layer's MLP, salient span
+    all_but_one[0, 0, graph.mlp_destination(lm.spec.n_layers // 2)] = False
     masks["all_but_one"] = all_but_one
     plain = lambda: lm.hf(clean.input_ids, attention_mask=clean.attention_mask)
     with torch.no_grad():
@@ -51,9 +53,11 @@ def main():
         for r in range(a.repeats):
             row = {"plain_forward": timed(plain)}
             for name, m in masks.items(): row[name] = timed(lambda: run_with_patched_edges(lm, clean, corr, m, graph, run))
+            row["all_but_one_clean_cached"] = timed(lambda: run_with_patched_edges(lm, clean, corr, all_but_one, graph, run,
+                                                                                   clean_run))
             rows.append(row)
             print(f"repeat {r}: " + ", ".join(f"{k} {v:.2f} s" for k, v in row.items()))
-    ratios = {name: [row[name] / row["plain_forward"] for row in rows] for name in masks}
+    ratios = {name: [row[name] / row["plain_forward"] for row in rows] for name in [*masks, "all_but_one_clean_cached"]}
     result = {"model": a.model, "batch": list(clean.input_ids.shape), "spans": list(graph.spans),
               "edges": {name: int(m.sum()) for name, m in masks.items()}, "repeats": rows,
               "ratio_vs_plain_forward": {k: {"min": min(v), "median": statistics.median(v)} for k, v in ratios.items()}}

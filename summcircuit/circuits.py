@@ -5,7 +5,7 @@
 # %% ../nbs/08_circuits.ipynb #19438bbe
 from __future__ import annotations
 import math, random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -100,6 +100,7 @@ class PatchBatch:
     corrupted: Batch
     corrupted_run: CorruptedRun              # what patched runs read from the corrupted run
     clean_logits: torch.Tensor | None = None
+    clean_run: CorruptedRun | None = None    # the clean run cached the same way, for masks close to full
 
 def patch_batches(lm: LoadedModel, pairs: Sequence, batch_size: int = 4, metric: str | Callable = "summary_logprob",
                   graph: Graph | None = None) -> list[PatchBatch]:
@@ -122,7 +123,7 @@ def circuit_metrics(lm: LoadedModel, batches: Sequence[PatchBatch], circuit: tor
     "The metric of every pair with every edge outside `circuit` patched to its corrupted value."
     metric_fn, out = get_metric(metric), []
     for b in batches:
-        logits = run_with_patched_edges(lm, b.clean, b.corrupted, circuit, graph, b.corrupted_run)
+        logits = run_with_patched_edges(lm, b.clean, b.corrupted, circuit, graph, b.corrupted_run, b.clean_run)
         out += metric_fn(logits, b.clean.to(logits.device), b.clean_logits).tolist()
     if not all(map(math.isfinite, out)):
         raise ValueError(f"The metric is not finite on {sum(not math.isfinite(x) for x in out)} pairs: NaN weights or a "
@@ -305,7 +306,9 @@ def robustness(lm: LoadedModel, pairs: Sequence, variant_pairs: Sequence | None 
 # %% ../nbs/08_circuits.ipynb #32cc1163
 def edge_effects(lm: LoadedModel, batches: Sequence[PatchBatch], graph: Graph, edges: Sequence[tuple[int, ...]],
                  metric: str | Callable = "summary_logprob", progress: bool = True) -> list[float]:
-    "Exact effect of each edge (an index of `graph.shape`): m(full) − m(every edge but that one), mean over pairs."
+    """Exact effect of each edge (an index of `graph.shape`): m(full) − m(every edge but that one), mean over pairs.
+    The clean run is cached per batch, so each run recomputes only the layers from the removed edge on."""
+    batches = [replace(b, clean_run=CorruptedRun.of(lm, b.clean, b.clean, graph)) for b in batches]
     full = circuit_metric(lm, batches, graph.edges, graph, metric)
     out = []
     for e in tqdm(edges, desc="exact patching", disable=not progress):

@@ -16,7 +16,7 @@ from .models import ArchSpec, LoadedModel, get_module
 
 # %% auto #0
 __all__ = ['SPAN_SCHEMAS', 'Graph', 'SpanLayout', 'check_scores', 'top_n_mask', 'head_contributions', 'check_context',
-           'node_outputs', 'patched_inputs', 'project_qkv', 'CorruptedRun', 'recomputed_nodes',
+           'node_outputs', 'patched_inputs', 'project_qkv', 'CorruptedRun', 'recomputed_nodes', 'clean_prefix',
            'run_with_patched_edges']
 
 # %% ../nbs/06_graph.ipynb #024305b1
@@ -392,14 +392,33 @@ def recomputed_nodes(graph: Graph, kept: torch.Tensor) -> tuple[torch.Tensor, to
         mlp[l] = live[n] = (kept[:n, graph.mlp_destination(l)] & live[:n]).any()
     return attn, mlp, live
 
+def clean_prefix(graph: Graph, edge_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per layer, whether its attention `[n_layers]` and its MLP `[n_layers]` compute their clean values in a patched
+    run keeping `edge_mask`: every edge into them is kept and every source upstream is clean-valued (the input is).
+    True up to the first layer a dropped edge reaches; a run with a clean cache takes those values as they are."""
+    edges = graph.stacked(graph.edges)
+    dropped = (edges & ~graph.stacked(edge_mask.bool()).cpu()).any(0)           # [n_sources, n_destinations]
+    attn = torch.zeros(graph.spec.n_layers, dtype=torch.bool)
+    mlp = torch.zeros(graph.spec.n_layers, dtype=torch.bool)
+    for l in range(graph.spec.n_layers):
+        if dropped[:graph.n_upstream_attn(l), graph.attn_destinations(l)].any(): break
+        attn[l] = True
+        if dropped[:graph.n_upstream_mlp(l), graph.mlp_destination(l)].any(): break
+        mlp[l] = True
+    return attn, mlp
+
 def run_with_patched_edges(lm: LoadedModel, clean: Batch, corrupted: Batch, edge_mask: torch.Tensor,
-                           graph: Graph | None = None, corrupted_run: CorruptedRun | None = None) -> torch.Tensor:
+                           graph: Graph | None = None, corrupted_run: CorruptedRun | None = None,
+                           clean_run: CorruptedRun | None = None) -> torch.Tensor:
     """Logits of the clean run where edges outside `edge_mask` (of `graph.shape`) carry corrupted values; on a
     positional graph, span by span. Pass `corrupted_run` (`CorruptedRun.of(lm, clean, corrupted, graph)`) to reuse
     the corrupted run across many masks. Only `recomputed_nodes` are computed: every other head takes its corrupted
     q/k/v (the projections are skipped) and every other MLP is skipped with its corrupted output, so a small circuit
     costs less than a plain forward. A destination that keeps most of its edges subtracts the dropped ones from the
-    sum of all changes, so a circuit close to full is cheaper too."""
+    sum of all changes, so a circuit close to full is cheaper too. With `clean_run` (`CorruptedRun.of(lm, clean,
+    clean, graph)`: the clean run, cached the same way), the layers before the first dropped edge (`clean_prefix`)
+    take their clean values instead of being recomputed: an exact-patching run (every edge but one) then pays
+    only for the layers from that edge on."""
     model, spec, hf = lm.model, lm.spec, lm.hf
     graph = graph or Graph(spec)
     if tuple(edge_mask.shape) != graph.shape:
@@ -410,6 +429,10 @@ def run_with_patched_edges(lm: LoadedModel, clean: Batch, corrupted: Batch, edge
     kept = graph.stacked(edge_mask).to(corr.device) & graph.stacked(graph.edges).to(corr.device)
     mask, kept = kept.to(corr.dtype), kept.any(0)
     attn, mlp, recomputed = recomputed_nodes(graph, kept)
+    full_attn, full_mlp = clean_prefix(graph, edge_mask) if clean_run is not None else (None, None)
+    if clean_run is not None:
+        clean_outputs, clean_layout = clean_run.outputs_in(layout)
+        if not _same_order(clean_layout, layout): clean_outputs = layout.sort(clean_layout.unsort(clean_outputs))
     change = torch.empty_like(corr)     # this run's output minus the corrupted one: written for recomputed sources ...
     live = recomputed.to(corr.device)
     if 2 * int(live.sum()) > graph.n_sources: change[~live] = 0; live = None    # ... and zero for the few others
@@ -434,19 +457,26 @@ def run_with_patched_edges(lm: LoadedModel, clean: Batch, corrupted: Batch, edge
         change[0] = layout.sort(spec.resid_pre(model, 0)[None])[0] - corr[0]
         for l in range(spec.n_layers):
             n, qkv = graph.n_upstream_attn(l), run.qkv[l]
-            if attn[l].any():
-                cols = torch.arange(graph.attn_destinations(l).start, graph.attn_destinations(l).stop)[attn[l]]
-                qkv = project_qkv(spec, hf, l, inputs(cols, n), attn[l], qkv)
-            spec.set_qkv(model, l, *qkv, skip=True)
-            heads = recomputed[n:n + H]
-            if heads.all():
-                change[n:n + H] = layout.sort(head_contributions(spec, hf, l, spec.z(model, l))) - corr[n:n + H]
-            elif heads.any():
-                idx = heads.nonzero().squeeze(1)
-                z = spec.z(model, l)[:, :, idx.to(lm.device)]
-                change[n + idx] = layout.sort(head_contributions(spec, hf, l, z, idx.to(lm.device))) - corr[n + idx]
+            if full_attn is not None and full_attn[l]:                 # clean values, taken as they are
+                spec.set_qkv(model, l, *clean_run.qkv[l], skip=True)
+                change[n:n + H] = clean_outputs[n:n + H] - corr[n:n + H]
+            else:
+                if attn[l].any():
+                    cols = torch.arange(graph.attn_destinations(l).start, graph.attn_destinations(l).stop)[attn[l]]
+                    qkv = project_qkv(spec, hf, l, inputs(cols, n), attn[l], qkv)
+                spec.set_qkv(model, l, *qkv, skip=True)
+                heads = recomputed[n:n + H]
+                if heads.all():
+                    change[n:n + H] = layout.sort(head_contributions(spec, hf, l, spec.z(model, l))) - corr[n:n + H]
+                elif heads.any():
+                    idx = heads.nonzero().squeeze(1)
+                    z = spec.z(model, l)[:, :, idx.to(lm.device)]
+                    change[n + idx] = layout.sort(head_contributions(spec, hf, l, z, idx.to(lm.device))) - corr[n + idx]
             n, m = graph.n_upstream_mlp(l), graph.mlp_destination(l)
-            if mlp[l]:
+            if full_mlp is not None and full_mlp[l]:
+                spec.layer(model, l, spec.mlp).skip(layout.unsort(clean_outputs[n:n + 1])[0])
+                change[n] = clean_outputs[n] - corr[n]
+            elif mlp[l]:
                 spec.layer(model, l, spec.ln_mlp).input = inputs(slice(m, m + 1), n)[0]
                 change[n] = layout.sort(spec.mlp_out(model, l)[None])[0] - corr[n]
             else: spec.layer(model, l, spec.mlp).skip(layout.unsort(corr[n:n + 1])[0])

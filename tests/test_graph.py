@@ -224,3 +224,34 @@ def test_small_circuits_skip_unchanged_nodes(lm):
     mask = torch.zeros_like(g.edges)
     mask[g.head_source(L - 1, 1), -1] = mask[g.mlp_source(L - 1), -1] = True
     torch.testing.assert_close(run_with_patched_edges(lm, b, corr, mask, g)[keep], corrupted[keep], atol=1e-5, rtol=0)
+
+
+def test_clean_run_gives_the_same_logits(lm):
+    """With the clean run cached (`clean_run`), the layers before the first dropped edge take their clean values:
+    every edge but one (early, middle, last layer; span-free and positional) and a random half of the edges give
+    the reference's logits, and the prefix is what `clean_prefix` says."""
+    from summcircuit.graph import CorruptedRun, clean_prefix
+    b, corr = _role_batches(lm)
+    keep = b.attention_mask.bool()
+    L = lm.spec.n_layers
+    edges = _all_edges(lm)
+    for g in (Graph(lm.spec), Graph(lm.spec, "roles")):
+        clean_run = CorruptedRun.of(lm, b, b, g)
+        for dst in (("q", 0, 1), ("mlp", L // 2), ("v", L - 1, 0), ("logits",)):
+            mask = g.edges.clone()
+            src = next(e[0] for e in edges if e[1] == dst)
+            idx = (_src_index(g, src), _dst_index(g, dst))
+            if g.positional: mask[(0, *idx)] = False
+            else: mask[idx] = False
+            attn, mlp = clean_prefix(g, mask)
+            layer = L if dst == ("logits",) else dst[1]
+            assert attn.tolist() == [l < layer or (l == layer and dst[0] == "mlp") for l in range(L)], dst
+            ours = run_with_patched_edges(lm, b, corr, mask, g, clean_run=clean_run)
+            plain = run_with_patched_edges(lm, b, corr, mask, g)
+            torch.testing.assert_close(ours[keep], plain[keep], atol=1e-5, rtol=0)
+            if not g.positional:
+                ref = _reference_patched(lm, b, corr, {(src, dst)})
+                torch.testing.assert_close(ours[keep], ref[keep], atol=1e-4, rtol=0)
+        half = torch.rand(g.shape, generator=torch.Generator().manual_seed(5)) < 0.5
+        torch.testing.assert_close(run_with_patched_edges(lm, b, corr, half, g, clean_run=clean_run)[keep],
+                                   run_with_patched_edges(lm, b, corr, half, g)[keep], atol=1e-5, rtol=0)
