@@ -301,7 +301,8 @@ def patched_inputs(mask: torch.Tensor, change: torch.Tensor, corrupted_sum: torc
     output) at the positions of the edge's span. Both are in `layout`'s span order. Only sources with a kept edge
     are read, and of those only the `live` ones (default all): a source not recomputed has no change, and its row
     of `change` is never written. With `change_sum` (a function giving the sum of the `n` sources' changes) and
-    more sources kept than dropped, the dropped edges are subtracted from that sum instead. So a circuit close to empty or to full costs little."""
+    more sources kept than dropped, the dropped edges are subtracted from that sum instead. So a circuit close to
+    empty or to full costs little."""
     n, n_dest = mask.shape[1:]
     every = live is None or bool(live[:n].all())
     usable = torch.ones(n, dtype=torch.bool, device=mask.device) if every else live[:n]
@@ -368,8 +369,10 @@ class CorruptedRun:
         """The outputs in the order a graph with `layout` reads them, and the layout they are then in: a span-free
         graph reads them in any order, a positional one needs its own."""
         if len(layout.bounds) == 1: return self.outputs, self.layout.whole()
-        if _same_order(layout, self.layout): return self.outputs, self.layout
-        return layout.sort(self.layout.unsort(self.outputs)), layout
+        return self.outputs_as(layout), layout
+    def outputs_as(self, layout: SpanLayout) -> torch.Tensor:
+        "The outputs in `layout`'s order exactly (re-sorted only when it differs from this run's)."
+        return self.outputs if _same_order(layout, self.layout) else layout.sort(self.layout.unsort(self.outputs))
 
 # %% ../nbs/06_graph.ipynb #ac02c982
 def recomputed_nodes(graph: Graph, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -379,7 +382,7 @@ def recomputed_nodes(graph: Graph, kept: torch.Tensor) -> tuple[torch.Tensor, to
     heads whose q, k or v is recomputed; recomputed MLPs). Every other node computes its corrupted value."""
     spec = graph.spec
     H, K = spec.n_heads, spec.n_kv_heads
-    group = torch.arange(H) // (H // K)                               # the key/value head each query head reads
+    group = torch.arange(H) // spec.group_size                        # the key/value head each query head reads
     kept = kept.cpu()
     live = torch.zeros(graph.n_sources, dtype=torch.bool); live[0] = True
     attn = torch.zeros(spec.n_layers, H + 2 * K, dtype=torch.bool)
@@ -430,9 +433,7 @@ def run_with_patched_edges(lm: LoadedModel, clean: Batch, corrupted: Batch, edge
     mask, kept = kept.to(corr.dtype), kept.any(0)
     attn, mlp, recomputed = recomputed_nodes(graph, kept)
     full_attn, full_mlp = clean_prefix(graph, edge_mask) if clean_run is not None else (None, None)
-    if clean_run is not None:
-        clean_outputs, clean_layout = clean_run.outputs_in(layout)
-        if not _same_order(clean_layout, layout): clean_outputs = layout.sort(clean_layout.unsort(clean_outputs))
+    if clean_run is not None: clean_outputs = clean_run.outputs_as(layout)       # in the order `corr` is read
     change = torch.empty_like(corr)     # this run's output minus the corrupted one: written for recomputed sources ...
     live = recomputed.to(corr.device)
     if 2 * int(live.sum()) > graph.n_sources: change[~live] = 0; live = None    # ... and zero for the few others
