@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .core import load_json, load_tensors, save_json, save_tensors
 from .corrupt import pair_batches
-from .data import Batch
+from .data import Batch, logits_window
 from .graph import Graph, SpanLayout, node_outputs, top_n_mask
 from .metrics import check_finite_metric, get_metric
 from .models import ArchSpec, LoadedModel, check_finite_weights, get_module
@@ -93,7 +93,8 @@ def destination_gradients(lm: LoadedModel, batch: Batch, gim: GIM = GIM(), graph
     if gim.softmax_temperature is not None: _check_eager(lm)
     L, T = spec.n_layers, gim.softmax_temperature
     norm_in, norm_out, proj_out, gate_up, grads = [], [], [], [], {}
-    with frozen_parameters(hf), model.trace(batch.input_ids, attention_mask=batch.attention_mask):
+    with frozen_parameters(hf), model.trace(batch.input_ids, attention_mask=batch.attention_mask,
+                                            logits_to_keep=logits_window(batch)):   # only what the metric reads
         # the layer-0 input is the only leaf that needs a gradient: weight gradients are never computed
         first = spec.layer(model, 0)
         first.input = (first.input if layer0_input is None else layer0_input).detach().requires_grad_(True)
@@ -311,8 +312,9 @@ def attribute(lm: LoadedModel, pairs: Sequence, method: str = "eap-ig", ig_steps
     for clean, corr in tqdm(batches, desc=f"{method} attribution", disable=not progress):
         clean, corr = clean.to(lm.device), corr.to(lm.device)          # aligned: pair_batches checked them
         layout = SpanLayout.of(graph, clean)
-        z_clean, logits_clean = node_outputs(lm, clean, return_logits=True)
-        z_corr, logits_corr = node_outputs(lm, corr, return_logits=True)
+        window = logits_window(clean)                                   # the logits the metric reads
+        z_clean, logits_clean = node_outputs(lm, clean, return_logits=True, logits_to_keep=window)
+        z_corr, logits_corr = node_outputs(lm, corr, return_logits=True, logits_to_keep=window)
         mc, mk = metric_fn(logits_clean, clean, logits_clean), metric_fn(logits_corr, clean, logits_clean)
         check_finite_metric("attribution", clean, mc, mk)
         emb_clean, emb_corr = z_clean[0].clone(), z_corr[0].clone()      # the input node's output: the embeddings

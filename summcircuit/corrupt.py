@@ -15,7 +15,7 @@ from rouge_score import rouge_scorer
 from transformers import PreTrainedTokenizerBase
 
 from .core import load_json, save_json
-from .data import Batch, Prompt, SummaryExample, build_prompt, check_aligned, collate
+from .data import Batch, Prompt, SummaryExample, build_prompt, check_aligned, collate, logits_window
 from .metrics import get_metric, reads_copy
 from .models import LoadedModel
 
@@ -260,7 +260,7 @@ def load_pairs(path: str | Path) -> list[CorruptedPair]:
 def task_metric(lm: LoadedModel, batch: Batch, metric: str = "summary_logprob", clean_logits: torch.Tensor | None = None) -> torch.Tensor:
     "A metric of `summcircuit.metrics` (default: the task metric) per example `[batch]` on `lm`'s run of `batch`."
     batch = batch.to(lm.device)
-    logits = lm.hf(batch.input_ids, attention_mask=batch.attention_mask).logits
+    logits = lm.hf(batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=logits_window(batch)).logits
     return get_metric(metric)(logits, batch, clean_logits).cpu()
 
 def _rows(batch: Batch, rows: list[int]) -> Batch:
@@ -277,8 +277,9 @@ def pair_metric_table(lm: LoadedModel, pairs: Sequence[CorruptedPair], metrics: 
     out = {m: ([], []) for m in metrics}
     for c, k in tqdm(pair_batches(pairs, lm.tokenizer.pad_token_id, batch_size), desc="metrics", disable=not progress):
         c, k = c.to(lm.device), k.to(lm.device)
-        lc = lm.hf(c.input_ids, attention_mask=c.attention_mask).logits
-        lk = lm.hf(k.input_ids, attention_mask=k.attention_mask).logits
+        window = logits_window(c)                     # the logits the metrics read
+        lc = lm.hf(c.input_ids, attention_mask=c.attention_mask, logits_to_keep=window).logits
+        lk = lm.hf(k.input_ids, attention_mask=k.attention_mask, logits_to_keep=window).logits
         has_copy = c.copy_mask[:, 1:].any(-1).nonzero().flatten().tolist()
         for m in metrics:
             f = get_metric(m)

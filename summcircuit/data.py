@@ -16,7 +16,8 @@ from .core import hub_offline, hub_reachable
 # %% auto #0
 __all__ = ['ACLSUM_ASPECTS', 'ACLSUM_SECTIONS', 'ACLSUM_SPLITS', 'DATASETS', 'SEPARATOR', 'ROLES', 'SummaryExample', 'detokenize',
            'aclsum_folder', 'load_aclsum', 'split_sentences', 'load_cnn_dailymail', 'synthetic_examples',
-           'load_examples', 'Prompt', 'build_prompt', 'Batch', 'collate', 'check_aligned', 'summary_logprob']
+           'load_examples', 'Prompt', 'build_prompt', 'Batch', 'collate', 'check_aligned', 'logits_window',
+           'logit_positions', 'per_example_mean', 'summary_logprob']
 
 # %% ../nbs/02_data.ipynb #b9e64eb7
 @dataclass
@@ -220,9 +221,35 @@ def check_aligned(clean: Batch, corrupted: Batch) -> None:
                          "must align position by position (same shape and padding): build corrupted inputs with "
                          "summcircuit.corrupt, which keeps every token count.")
 
+def logits_window(batch: Batch) -> int:
+    """How many trailing positions' logits the task metrics read: from the position that predicts the batch's
+    first summary token to the end. Pass it as `logits_to_keep` to a forward pass whose logits only a metric
+    reads: the unembedding of the source positions (a fifth of a small model's work) is then skipped."""
+    T = batch.input_ids.shape[1]
+    has_target = batch.target_mask.any(0).nonzero()
+    return T if len(has_target) == 0 else min(T, T - int(has_target[0]) + 1)
+
+def logit_positions(logits: torch.Tensor, batch: Batch, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows and positions `[k]` where `mask` (`[batch, pos - 1]`, shifted like the logits: position `t - 1`
+    predicts token `t`) is true, and the index of each position in `logits`, which may hold only the last
+    positions (`logits_window`)."""
+    T, kept = batch.input_ids.shape[1], logits.shape[1]
+    rows, pos = mask.to(logits.device).nonzero(as_tuple=True)
+    if len(pos) and int(pos.min()) < T - kept:
+        raise ValueError(f"The logits hold the last {kept} of {T} positions, but the metric reads position "
+                         f"{int(pos.min())}: compute them with logits_to_keep=logits_window(batch), or all of them.")
+    return rows, pos, pos - (T - kept)
+
+def per_example_mean(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    "Mean of `values` `[k]` grouped by their example index `rows` `[k]`, as `[n]` float32 (NaN for an example with none)."
+    total = torch.zeros(n, dtype=torch.float32, device=values.device).index_add(0, rows, values.float())
+    count = torch.zeros(n, dtype=torch.float32, device=values.device).index_add(0, rows, torch.ones_like(values, dtype=torch.float32))
+    return total / count
+
 def summary_logprob(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    "Task metric per example `[batch]`: mean log-probability of the summary tokens, teacher forced."
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    tok_logp = logp.gather(-1, batch.input_ids[:, 1:, None].to(logp.device)).squeeze(-1)
-    mask = batch.target_mask[:, 1:].to(logp.device)
-    return (tok_logp * mask).sum(-1) / mask.sum(-1)
+    """Task metric per example `[batch]`: mean log-probability of the summary tokens, teacher forced. `logits`
+    cover every position or the last `logits_window(batch)`; only the summary's are normalized."""
+    rows, pos, at = logit_positions(logits, batch, batch.target_mask[:, 1:])
+    logp = torch.log_softmax(logits[rows, at].float(), dim=-1)
+    tokens = batch.input_ids.to(logits.device)[rows, pos + 1]
+    return per_example_mean(logp.gather(-1, tokens[:, None]).squeeze(-1), rows, len(batch))

@@ -16,7 +16,7 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from .core import atomic_path, load_tensors, save_tensors
-from .data import Batch, Prompt, build_prompt, collate, load_examples
+from .data import Batch, Prompt, build_prompt, collate, load_examples, logits_window
 from .metrics import check_finite_metric, get_metric
 from .models import LoadedModel, check_finite_weights, load_model
 
@@ -69,7 +69,7 @@ def layer_entropies(model: str = "smollm2-135m", dataset: str = "aclsum", split:
         b = collate([build_prompt(ex, lm.tokenizer, max_source_tokens, max_length=spec.n_ctx)], lm.tokenizer.pad_token_id)
         b = b.to(lm.device)
         probs = []
-        with torch.no_grad(), lm.model.trace(b.input_ids, attention_mask=b.attention_mask):
+        with torch.no_grad(), lm.model.trace(b.input_ids, attention_mask=b.attention_mask, logits_to_keep=1):
             for l in range(spec.n_layers): probs.append(spec.pattern(lm.model, l).save())
         for l, p in enumerate(probs):
             raw[l] += head_entropy(p, b.attention_mask).mean().item() / len(examples)
@@ -83,7 +83,7 @@ def read_internals(lm: LoadedModel, batch: Batch) -> dict[str, torch.Tensor]:
     batch = batch.to(lm.device)
     w = batch.attention_mask[..., None].double()
     patterns, hidden, sums, sumsqs = [], [], [], []
-    with torch.no_grad(), model.trace(batch.input_ids, attention_mask=batch.attention_mask):
+    with torch.no_grad(), model.trace(batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1):
         for l in range(spec.n_layers):
             patterns.append(spec.pattern(model, l).save())
             act = spec.mlp_post(model, l).double()
@@ -271,18 +271,18 @@ def differential_analysis(lm_a: LoadedModel, lm_b: LoadedModel, prompts: Sequenc
                       mean_a.float(), mean_b.float(), std_a.float(), n_tokens)
 
 # %% ../nbs/05_diff.ipynb #76c50b13
-def _z_and_logits(lm: LoadedModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+def _z_and_logits(lm: LoadedModel, batch: Batch, logits_to_keep: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     model, spec = lm.model, lm.spec
     batch = batch.to(lm.device)
     zs = []
-    with torch.no_grad(), model.trace(batch.input_ids, attention_mask=batch.attention_mask):
+    with torch.no_grad(), model.trace(batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=logits_to_keep):
         for l in range(spec.n_layers): zs.append(spec.z(model, l).save())
         logits = model.output.logits.save()
     return torch.stack(zs), logits
 
 def head_outputs(lm: LoadedModel, batch: Batch) -> torch.Tensor:
     "Every head's output `z` (input of the output projection) `[n_layers, batch, pos, n_heads, d_head]`, one pass."
-    return _z_and_logits(lm, batch)[0]
+    return _z_and_logits(lm, batch, logits_to_keep=1)[0]
 
 def mean_head_outputs(lm: LoadedModel, batches: Sequence[Batch], progress: bool = False) -> torch.Tensor:
     "Mean of every head's output over the real positions and examples of `batches` `[n_layers, n_heads, d_head]`."
@@ -293,14 +293,15 @@ def mean_head_outputs(lm: LoadedModel, batches: Sequence[Batch], progress: bool 
         total = total + (z * w).sum((1, 2)); n += int(b.attention_mask.sum())
     return (total / n).float()
 
-def run_with_head_outputs(lm: LoadedModel, batch: Batch, head_mask: torch.Tensor, replacement: torch.Tensor) -> torch.Tensor:
-    "Logits with the heads in `head_mask` `[L, H]` outputting `replacement` (`[L, H, d_head]` everywhere, or `[L, b, T, H, d_head]`)."
+def run_with_head_outputs(lm: LoadedModel, batch: Batch, head_mask: torch.Tensor, replacement: torch.Tensor,
+                          logits_to_keep: int = 0) -> torch.Tensor:
+    "Logits (of the last `logits_to_keep` positions; 0: all) with the heads in `head_mask` `[L, H]` outputting `replacement` (`[L, H, d_head]` everywhere, or `[L, b, T, H, d_head]`)."
     model, spec = lm.model, lm.spec
     if head_mask.shape != (spec.n_layers, spec.n_heads):
         raise ValueError(f"head_mask has shape {tuple(head_mask.shape)}; this model needs ({spec.n_layers}, {spec.n_heads}).")
     batch = batch.to(lm.device)
     head_mask, replacement = head_mask.to(lm.device), replacement.to(lm.device)
-    with torch.no_grad(), model.trace(batch.input_ids, attention_mask=batch.attention_mask):
+    with torch.no_grad(), model.trace(batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=logits_to_keep):
         for l in range(spec.n_layers):
             if not head_mask[l].any(): continue
             proj = spec.layer(model, l, spec.o_proj)
@@ -378,14 +379,15 @@ def causal_check(lm: LoadedModel, batches: Sequence[tuple[Batch, Batch]], layers
     metric_fn = get_metric(metric)
     for clean, corrupted in tqdm(batches, desc="causal check", disable=not progress):
         target = clean.to(lm.device)                # every run is scored on the clean prompt's summary
-        clean_logits = _z_and_logits(lm, clean)[1]
+        window = logits_window(clean)               # the logits the metric reads
+        clean_logits = _z_and_logits(lm, clean, window)[1]
         score = lambda logits: metric_fn(logits, target, clean_logits).cpu()
-        z_corr, corr_logits = _z_and_logits(lm, corrupted)
+        z_corr, corr_logits = _z_and_logits(lm, corrupted, window)
         m_clean.append(score(clean_logits)); m_corr.append(score(corr_logits))
         check_finite_metric("differential analysis (causal check)", clean, m_clean[-1], m_corr[-1])
         for (kind, mode), out in m_abl.items():
             for i, mask in enumerate(masks[kind]):
-                out[i].append(score(run_with_head_outputs(lm, clean, mask, zbar if mode == "mean" else z_corr)))
+                out[i].append(score(run_with_head_outputs(lm, clean, mask, zbar if mode == "mean" else z_corr, window)))
     m_clean, m_corr = torch.cat(m_clean), torch.cat(m_corr)
     results = []
     for (kind, mode), out in m_abl.items():

@@ -273,15 +273,18 @@ def check_context(spec: ArchSpec, batch: Batch) -> None:
                      f"model's context of {spec.n_ctx}; build prompts with build_prompt(..., max_length=lm.spec.n_ctx) "
                      "and lower max_source_tokens.")
 
-def node_outputs(lm: LoadedModel, batch: Batch, return_logits: bool = False, return_qkv: bool = False):
+def node_outputs(lm: LoadedModel, batch: Batch, return_logits: bool = False, return_qkv: bool = False,
+                 logits_to_keep: int | None = None):
     """Every source node's output on `batch`, `[n_sources, batch, pos, d_model]`, in source order; with
     `return_logits` and `return_qkv`, a tuple that adds the logits and every layer's `(q, k, v)` (as `ArchSpec.qkv`
-    returns them), in that order."""
+    returns them), in that order. `logits_to_keep`: the logits of the last positions only (0: all; the default is
+    all when they are returned and none worth computing otherwise)."""
     model, spec = lm.model, lm.spec
     check_context(spec, batch)
     batch = batch.to(lm.device)
     qkv = []
-    with torch.no_grad(), model.trace(batch.input_ids, attention_mask=batch.attention_mask):
+    keep = logits_to_keep if logits_to_keep is not None else (0 if return_logits else 1)
+    with torch.no_grad(), model.trace(batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep):
         outs = [spec.resid_pre(model, 0)[None]]
         for l in range(spec.n_layers):
             if return_qkv: qkv.append(tuple(t.save() for t in spec.qkv(model, l)))
@@ -412,7 +415,7 @@ def clean_prefix(graph: Graph, edge_mask: torch.Tensor) -> tuple[torch.Tensor, t
 
 def run_with_patched_edges(lm: LoadedModel, clean: Batch, corrupted: Batch, edge_mask: torch.Tensor,
                            graph: Graph | None = None, corrupted_run: CorruptedRun | None = None,
-                           clean_run: CorruptedRun | None = None) -> torch.Tensor:
+                           clean_run: CorruptedRun | None = None, logits_to_keep: int = 0) -> torch.Tensor:
     """Logits of the clean run where edges outside `edge_mask` (of `graph.shape`) carry corrupted values; on a
     positional graph, span by span. Pass `corrupted_run` (`CorruptedRun.of(lm, clean, corrupted, graph)`) to reuse
     the corrupted run across many masks. Only `recomputed_nodes` are computed: every other head takes its corrupted
@@ -421,7 +424,8 @@ def run_with_patched_edges(lm: LoadedModel, clean: Batch, corrupted: Batch, edge
     sum of all changes, so a circuit close to full is cheaper too. With `clean_run` (`CorruptedRun.of(lm, clean,
     clean, graph)`: the clean run, cached the same way), the layers before the first dropped edge (`clean_prefix`)
     take their clean values instead of being recomputed: an exact-patching run (every edge but one) then pays
-    only for the layers from that edge on."""
+    only for the layers from that edge on. `logits_to_keep`: the logits of the last positions only (0: all;
+    `logits_window(clean)`: those the metrics read)."""
     model, spec, hf = lm.model, lm.spec, lm.hf
     graph = graph or Graph(spec)
     if tuple(edge_mask.shape) != graph.shape:
@@ -454,7 +458,7 @@ def run_with_patched_edges(lm: LoadedModel, clean: Batch, corrupted: Batch, edge
         return patched_inputs(mask[:, :n, cols], change, corrupted_residual(n), layout, live, lambda: change_total(n))
     clean = clean.to(lm.device)
     H = spec.n_heads
-    with torch.no_grad(), model.trace(clean.input_ids, attention_mask=clean.attention_mask):
+    with torch.no_grad(), model.trace(clean.input_ids, attention_mask=clean.attention_mask, logits_to_keep=logits_to_keep):
         change[0] = layout.sort(spec.resid_pre(model, 0)[None])[0] - corr[0]
         for l in range(spec.n_layers):
             n, qkv = graph.n_upstream_attn(l), run.qkv[l]

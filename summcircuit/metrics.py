@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from .data import Batch, summary_logprob as _summary_logprob
+from .data import Batch, logit_positions, per_example_mean, summary_logprob as _summary_logprob
 
 Metric = Callable[..., torch.Tensor]   # metric(logits, batch, clean_logits=None) -> [batch] float32
 
@@ -17,12 +17,6 @@ __all__ = ['Metric', 'METRICS', 'NEEDS_CLEAN', 'READS_COPY', 'summary_logprob', 
            'kl_to_clean', 'get_metric', 'needs_clean', 'reads_copy', 'check_finite_metric']
 
 # %% ../nbs/02b_metrics.ipynb #83a181ad
-def _per_example_mean(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
-    "Mean of `values` `[k]` grouped by their example index `rows` `[k]`, as `[n]` float32."
-    total = torch.zeros(n, dtype=torch.float32, device=values.device).index_add(0, rows, values.float())
-    count = torch.zeros(n, dtype=torch.float32, device=values.device).index_add(0, rows, torch.ones_like(values, dtype=torch.float32))
-    return total / count
-
 def summary_logprob(logits: torch.Tensor, batch: Batch, clean_logits: torch.Tensor | None = None) -> torch.Tensor:
     "Mean log-probability of the summary tokens per example `[batch]`, teacher forced (`summcircuit.data.summary_logprob`)."
     return _summary_logprob(logits, batch).float()
@@ -42,15 +36,15 @@ def copy_targets(batch: Batch, metric: str = "this metric") -> torch.Tensor:
 
 def copy_logprob(logits: torch.Tensor, batch: Batch, clean_logits: torch.Tensor | None = None) -> torch.Tensor:
     "Mean log-probability of the copied summary tokens (`batch.copy_mask`) per example `[batch]`, teacher forced."
-    rows, pos = copy_targets(batch, "copy_logprob").to(logits.device).nonzero(as_tuple=True)
-    logp = torch.log_softmax(logits[rows, pos].float(), dim=-1)
+    rows, pos, at = logit_positions(logits, batch, copy_targets(batch, "copy_logprob"))
+    logp = torch.log_softmax(logits[rows, at].float(), dim=-1)
     tokens = batch.input_ids.to(logits.device)[rows, pos + 1]
-    return _per_example_mean(logp.gather(-1, tokens[:, None]).squeeze(-1), rows, len(batch))
+    return per_example_mean(logp.gather(-1, tokens[:, None]).squeeze(-1), rows, len(batch))
 
 # %% ../nbs/02b_metrics.ipynb #dfeb89e8
 def copy_logit_diff(logits: torch.Tensor, batch: Batch, clean_logits: torch.Tensor | None = None) -> torch.Tensor:
     "Mean over copy positions of logit[copied token] − logit[its counterfactual in `batch.counter_ids`], per example `[batch]`."
-    rows, pos = copy_targets(batch, "copy_logit_diff").to(logits.device).nonzero(as_tuple=True)
+    rows, pos, at = logit_positions(logits, batch, copy_targets(batch, "copy_logit_diff"))
     if batch.counter_ids is None:
         raise ValueError("copy_logit_diff needs batch.counter_ids (a counterfactual token per copy position): build "
                          "pairs with summcircuit.corrupt, which sets them, or use 'copy_logprob'.")
@@ -60,9 +54,9 @@ def copy_logit_diff(logits: torch.Tensor, batch: Batch, clean_logits: torch.Tens
         bad = sorted({batch.ids[r] if r < len(batch.ids) else f"#{r}" for r in rows[true == counter].tolist()})
         raise ValueError(f"copy_logit_diff: examples {bad[:5]} have a counterfactual token equal to the copied one "
                          "(counter_ids missing?): build pairs with summcircuit.corrupt.")
-    picked = logits[rows, pos].float()
+    picked = logits[rows, at].float()
     diff = picked.gather(-1, true[:, None]).squeeze(-1) - picked.gather(-1, counter[:, None]).squeeze(-1)
-    return _per_example_mean(diff, rows, len(batch))
+    return per_example_mean(diff, rows, len(batch))
 
 # %% ../nbs/02b_metrics.ipynb #496482cf
 def kl_to_clean(logits: torch.Tensor, batch: Batch, clean_logits: torch.Tensor | None = None) -> torch.Tensor:
@@ -71,11 +65,11 @@ def kl_to_clean(logits: torch.Tensor, batch: Batch, clean_logits: torch.Tensor |
         raise ValueError("kl_to_clean compares a run with the clean run: pass clean_logits (the logits on the clean batch).")
     if clean_logits.shape != logits.shape:
         raise ValueError(f"clean_logits {tuple(clean_logits.shape)} and logits {tuple(logits.shape)} must have the same shape.")
-    rows, pos = batch.target_mask[:, 1:].to(logits.device).nonzero(as_tuple=True)
-    logp_run = torch.log_softmax(logits[rows, pos].float(), dim=-1)
-    logp_clean = torch.log_softmax(clean_logits.to(logits.device)[rows, pos].float(), dim=-1)
+    rows, _, at = logit_positions(logits, batch, batch.target_mask[:, 1:])
+    logp_run = torch.log_softmax(logits[rows, at].float(), dim=-1)
+    logp_clean = torch.log_softmax(clean_logits.to(logits.device)[rows, at].float(), dim=-1)
     kl = (logp_clean.exp() * (logp_clean - logp_run)).sum(-1)
-    return -_per_example_mean(kl, rows, len(batch))
+    return -per_example_mean(kl, rows, len(batch))
 
 # %% ../nbs/02b_metrics.ipynb #ea52b629
 METRICS: dict[str, Metric] = {"summary_logprob": summary_logprob, "copy_logprob": copy_logprob,
