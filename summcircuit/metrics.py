@@ -63,11 +63,13 @@ def kl_to_clean(logits: torch.Tensor, batch: Batch, clean_logits: torch.Tensor |
     "Minus the mean over summary targets of KL(p_clean ‖ p_run), per example `[batch]`; 0 at the clean logits."
     if clean_logits is None:
         raise ValueError("kl_to_clean compares a run with the clean run: pass clean_logits (the logits on the clean batch).")
-    if clean_logits.shape != logits.shape:
-        raise ValueError(f"clean_logits {tuple(clean_logits.shape)} and logits {tuple(logits.shape)} must have the same shape.")
+    if clean_logits.shape[::2] != logits.shape[::2]:
+        raise ValueError(f"clean_logits {tuple(clean_logits.shape)} and logits {tuple(logits.shape)} must have the same "
+                         "batch and vocabulary sizes.")
     rows, _, at = logit_positions(logits, batch, batch.target_mask[:, 1:])
+    at_clean = logit_positions(clean_logits, batch, batch.target_mask[:, 1:])[2]     # either may be a window
     logp_run = torch.log_softmax(logits[rows, at].float(), dim=-1)
-    logp_clean = torch.log_softmax(clean_logits.to(logits.device)[rows, at].float(), dim=-1)
+    logp_clean = torch.log_softmax(clean_logits.to(logits.device)[rows, at_clean.to(logits.device)].float(), dim=-1)
     kl = (logp_clean.exp() * (logp_clean - logp_run)).sum(-1)
     return -per_example_mean(kl, rows, len(batch))
 

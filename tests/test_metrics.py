@@ -120,8 +120,10 @@ def test_names_and_errors():
     pairs, clean, _, logits = _batch_and_logits()
     with pytest.raises(ValueError, match="pass clean_logits"):
         kl_to_clean(logits, clean)
-    with pytest.raises(ValueError, match="same shape"):
-        kl_to_clean(logits, clean, logits[:, :-1])
+    with pytest.raises(ValueError, match="same batch and vocabulary"):
+        kl_to_clean(logits, clean, logits[:1])
+    with pytest.raises(ValueError, match="logits_to_keep=logits_window"):     # fewer positions than the summary
+        kl_to_clean(logits, clean, logits[:, -2:])
 
 
 def test_metrics_through_the_model():
