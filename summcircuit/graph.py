@@ -258,10 +258,11 @@ def top_n_mask(scores: torch.Tensor, graph: Graph, n: int, absolute: bool = True
 
 # %% ../nbs/06_graph.ipynb #51cabf09
 def head_contributions(spec: ArchSpec, hf, l: int, z: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-head writes of layer `l` to the residual `[n_heads, batch, pos, d_model]` from per-head outputs `z`; with
-    `heads` (indices), only those heads', `z` holding only theirs."""
+    """Per-head writes of layer `l` to the residual `[n_heads, batch, pos, d_model]` from per-head outputs `z`
+    `[batch, pos, n_heads, d_head]` (or any leading position dims); with `heads` (indices), only those heads', `z`
+    holding only theirs."""
     W, b = spec.W_O(hf, l), spec.b_O(hf, l)
-    out = torch.einsum("bthd,hdm->hbtm", z, W if heads is None else W[heads])
+    out = torch.einsum("...hd,hdm->h...m", z, W if heads is None else W[heads])
     return out if b is None else out + b / spec.n_heads
 
 def check_context(spec: ArchSpec, batch: Batch) -> None:
@@ -298,7 +299,7 @@ def node_outputs(lm: LoadedModel, batch: Batch, return_logits: bool = False, ret
 # %% ../nbs/06_graph.ipynb #e7fe6f0a
 def patched_inputs(mask: torch.Tensor, change: torch.Tensor, corrupted_sum: torch.Tensor, layout: SpanLayout,
                    live: torch.Tensor | None = None, change_sum: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
-    """Inputs `[n_destinations, b, pos, d]` of destinations fed by the first `n` sources, `mask` `[n_spans, n, n_dest]`
+    """Inputs `[n_destinations, b * pos, d]` (in `layout`'s span order) of destinations fed by the first `n` sources, `mask` `[n_spans, n, n_dest]`
     their edges: the corrupted residual (`corrupted_sum` `[b * pos, d]`, the sum of the `n` corrupted outputs) plus,
     on each kept edge, the source's `change` (`[n_sources, b * pos, d]`: its output in this run minus its corrupted
     output) at the positions of the edge's span. Both are in `layout`'s span order. Only sources with a kept edge
@@ -309,28 +310,31 @@ def patched_inputs(mask: torch.Tensor, change: torch.Tensor, corrupted_sum: torc
     n, n_dest = mask.shape[1:]
     every = live is None or bool(live[:n].all())
     usable = torch.ones(n, dtype=torch.bool, device=mask.device) if every else live[:n]
-    out = corrupted_sum.expand(n_dest, *corrupted_sum.shape).clone()
+    out = corrupted_sum.new_empty(n_dest, *corrupted_sum.shape)
     for m, (a, b) in zip(mask, layout.bounds):
         if a == b: continue
         rows = (m.any(1) & usable).nonzero().squeeze(1)
-        sign = 1
+        sign, base = 1, corrupted_sum[a:b]
         if change_sum is not None:
             dropped = 1 - m
             dropped_rows = (dropped.any(1) & usable).nonzero().squeeze(1)
             if len(dropped_rows) < len(rows):
-                out[:, a:b] += change_sum()[a:b]
+                base = base + change_sum()[a:b]
                 m, rows, sign = dropped, dropped_rows, -1
-        if len(rows) == 0: continue
-        if 2 * len(rows) < n or not every: m, flat = m[rows], change[:, a:b][rows].flatten(1)   # few: gather them
+        span = out[:, a:b].flatten(1)                                        # a view: written in place below
+        if len(rows) == 0: span.copy_(base.flatten().expand_as(span)); continue
+        if 3 * len(rows) < n or not every: m, flat = m[rows], change[:, a:b][rows].flatten(1)   # few: gather them
         else: flat = change[:n, a:b].flatten(1)                                                # most: read in place
-        out[:, a:b].add_((m.T @ flat).view(n_dest, b - a, -1), alpha=sign)
-    return layout.unsort(out)
+        torch.addmm(base.flatten()[None], m.T, flat, alpha=sign, out=span)   # base + sign · mᵀ change, one pass
+    return out
 
 def project_qkv(spec: ArchSpec, hf, l: int, x: torch.Tensor, active: torch.Tensor | None = None,
-                base: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-head queries, keys, values of layer `l` from per-destination inputs `x` `[n_q + 2 n_kv, b, pos, d]`; with
-    `active` (a bool per destination), `x` holds only the active destinations' inputs and the other heads' values
-    are taken from `base` (the corrupted run's `(q, k, v)`)."""
+                base: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                layout: SpanLayout | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-head queries, keys, values `[b, pos, heads, d_head]` of layer `l` from per-destination inputs `x`
+    `[n_q + 2 n_kv, b, pos, d]` (or `[.., b * pos, d]` in `layout`'s span order: the projections, a ninth of the
+    inputs' size, are put back in position order); with `active` (a bool per destination), `x` holds only the
+    active destinations' inputs and the other heads' values are taken from `base` (the corrupted run's `(q, k, v)`)."""
     H, K = spec.n_heads, spec.n_kv_heads
     active = torch.ones(H + 2 * K, dtype=torch.bool) if active is None else active.cpu()
     xn = spec.apply_norm(spec.norm_module(hf, "attn", l), x)
@@ -339,9 +343,10 @@ def project_qkv(spec: ArchSpec, hf, l: int, x: torch.Tensor, active: torch.Tenso
                                    base or (None,) * 3):
         every = bool(active[lo:hi].all())
         heads = slice(None) if every else active[lo:hi].nonzero().squeeze(1).to(W.device)
-        y = torch.einsum("hbtm,hmk->bthk", xn[i:i + (hi - lo if every else len(heads))], W[heads])
+        y = torch.einsum("h...m,hmk->...hk", xn[i:i + (hi - lo if every else len(heads))], W[heads])
         i += hi - lo if every else len(heads)
         if b is not None: y = y + b[heads]
+        if layout is not None: y = layout.unsort(y.flatten(-2)).unflatten(-1, y.shape[-2:])
         if every or old is None: out.append(y)
         else:
             full = old.clone(); full[:, :, heads] = y; out.append(full)
@@ -440,7 +445,8 @@ def run_with_patched_edges(lm: LoadedModel, clean: Batch, corrupted: Batch, edge
     if clean_run is not None: clean_outputs = clean_run.outputs_as(layout)       # in the order `corr` is read
     change = torch.empty_like(corr)     # this run's output minus the corrupted one: written for recomputed sources ...
     live = recomputed.to(corr.device)
-    if 2 * int(live.sum()) > graph.n_sources: change[~live] = 0; live = None    # ... and zero for the few others
+    if 2 * int(live.sum()) > graph.n_sources:                                     # ... and zero for the few others
+        change.index_fill_(0, (~live).nonzero().squeeze(1), 0); live = None
                                                                                  # ... or, when they are many, never read
     corr_sum, change_sum, n_summed = torch.zeros_like(corr[0]), torch.zeros_like(corr[0]), [0, 0]
     def corrupted_residual(n: int) -> torch.Tensor:
@@ -454,7 +460,7 @@ def run_with_patched_edges(lm: LoadedModel, clean: Batch, corrupted: Batch, edge
         n_summed[1] = n
         return change_sum
     def inputs(cols, n: int) -> torch.Tensor:
-        "Inputs of destinations `cols`, fed by the first `n` sources."
+        "Inputs of destinations `cols`, fed by the first `n` sources, in span order."
         return patched_inputs(mask[:, :n, cols], change, corrupted_residual(n), layout, live, lambda: change_total(n))
     clean = clean.to(lm.device)
     H = spec.n_heads
@@ -462,29 +468,39 @@ def run_with_patched_edges(lm: LoadedModel, clean: Batch, corrupted: Batch, edge
         change[0] = layout.sort(spec.resid_pre(model, 0)[None])[0] - corr[0]
         for l in range(spec.n_layers):
             n, qkv = graph.n_upstream_attn(l), run.qkv[l]
+            n_mlp, m = graph.n_upstream_mlp(l), graph.mlp_destination(l)
+            mlp_partial = None        # the MLP's input from the sources before this layer's heads, when computed here
             if full_attn is not None and full_attn[l]:                 # clean values, taken as they are
                 spec.set_qkv(model, l, *clean_run.qkv[l], skip=True)
                 change[n:n + H] = clean_outputs[n:n + H] - corr[n:n + H]
             else:
                 if attn[l].any():
                     cols = torch.arange(graph.attn_destinations(l).start, graph.attn_destinations(l).stop)[attn[l]]
-                    qkv = project_qkv(spec, hf, l, inputs(cols, n), attn[l], qkv)
+                    if mlp[l] and not (full_mlp is not None and full_mlp[l]):   # one read of `change` for both
+                        x = inputs(torch.cat([cols, torch.tensor([m])]), n)
+                        x, mlp_partial = x[:-1], x[-1]
+                    else: x = inputs(cols, n)
+                    qkv = project_qkv(spec, hf, l, x, attn[l], qkv, layout)
                 spec.set_qkv(model, l, *qkv, skip=True)
                 heads = recomputed[n:n + H]
+                if heads.any():       # z sorted by span first: a ninth of the data of sorting the heads' writes
+                    z = layout.sort(spec.z(model, l).flatten(-2)).unflatten(-1, (H, spec.d_head))
                 if heads.all():
-                    change[n:n + H] = layout.sort(head_contributions(spec, hf, l, spec.z(model, l))) - corr[n:n + H]
+                    torch.sub(head_contributions(spec, hf, l, z), corr[n:n + H], out=change[n:n + H])
                 elif heads.any():
                     idx = heads.nonzero().squeeze(1)
-                    z = spec.z(model, l)[:, :, idx.to(lm.device)]
-                    change[n + idx] = layout.sort(head_contributions(spec, hf, l, z, idx.to(lm.device))) - corr[n + idx]
-            n, m = graph.n_upstream_mlp(l), graph.mlp_destination(l)
+                    change[n + idx] = head_contributions(spec, hf, l, z[:, idx.to(lm.device)], idx.to(lm.device)) - corr[n + idx]
             if full_mlp is not None and full_mlp[l]:
-                spec.layer(model, l, spec.mlp).skip(layout.unsort(clean_outputs[n:n + 1])[0])
-                change[n] = clean_outputs[n] - corr[n]
+                spec.layer(model, l, spec.mlp).skip(layout.unsort(clean_outputs[n_mlp:n_mlp + 1])[0])
+                change[n_mlp] = clean_outputs[n_mlp] - corr[n_mlp]
             elif mlp[l]:
-                spec.layer(model, l, spec.ln_mlp).input = inputs(slice(m, m + 1), n)[0]
-                change[n] = layout.sort(spec.mlp_out(model, l)[None])[0] - corr[n]
-            else: spec.layer(model, l, spec.mlp).skip(layout.unsort(corr[n:n + 1])[0])
-        get_module(model, spec.final_norm).input = inputs(slice(-1, None), graph.n_sources)[0]
+                if mlp_partial is None: x = inputs(slice(m, m + 1), n_mlp)
+                else:                 # add this layer's heads: their corrupted outputs and the changes on kept edges
+                    x = patched_inputs(mask[:, n:n_mlp, m:m + 1], change[n:n_mlp], mlp_partial + corr[n:n_mlp].sum(0),
+                                       layout, None if live is None else live[n:n_mlp])
+                spec.layer(model, l, spec.ln_mlp).input = layout.unsort(x)[0]
+                change[n_mlp] = layout.sort(spec.mlp_out(model, l)[None])[0] - corr[n_mlp]
+            else: spec.layer(model, l, spec.mlp).skip(layout.unsort(corr[n_mlp:n_mlp + 1])[0])
+        get_module(model, spec.final_norm).input = layout.unsort(inputs(slice(-1, None), graph.n_sources))[0]
         logits = model.output.logits.save()
     return logits
