@@ -21,9 +21,9 @@ from .metrics import check_finite_metric, get_metric
 from .models import ArchSpec, LoadedModel, check_finite_weights, get_module
 
 # %% auto #0
-__all__ = ['QK_SCALE', 'V_SCALE', 'GATE_SCALE', 'METHODS', 'IG_RULES', 'COMPLETENESS_TOLERANCE', 'GIM', 'as_gim',
-           'frozen_parameters', 'destination_gradients', 'logits_with_gim', 'edge_scores', 'Attribution',
-           'load_attribution', 'ig_alphas', 'attribute']
+__all__ = ['QK_SCALE', 'V_SCALE', 'GATE_SCALE', 'METHODS', 'IG_RULES', 'COMPLETENESS_TOLERANCE', 'STREAM_ABOVE_BYTES', 'GIM',
+           'as_gim', 'frozen_parameters', 'destination_gradients', 'logits_with_gim', 'edge_scores', 'EdgeScoreSum',
+           'Attribution', 'load_attribution', 'ig_alphas', 'attribute']
 
 # %% ../nbs/07_attribute.ipynb #9e09ada0
 @dataclass(frozen=True)
@@ -79,11 +79,14 @@ def frozen_parameters(module: torch.nn.Module):
 
 def destination_gradients(lm: LoadedModel, batch: Batch, gim: GIM = GIM(), graph: Graph | None = None,
                           layer0_input: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                          weight: float = 1.0, metric: str | Callable = "summary_logprob",
+                          weight: float = 1.0, absorb: Callable[[slice, torch.Tensor], None] | None = None,
+                          metric: str | Callable = "summary_logprob",
                           clean_logits: torch.Tensor | None = None,
                           replace: tuple[str, int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """∂(Σ metric)/∂x_d for every destination `[n_destinations, b, pos, d]`, and the metric per example `[b]`.
-    With `out`, `weight` times the gradients are added into it in place (EAP-IG's average, without a copy per step).
+    With `out`, `weight` times the gradients are added into it in place (EAP-IG's average, without a copy per step);
+    with `absorb` (e.g. an `EdgeScoreSum`), each layer's destinations' gradients, times `weight`, go to
+    `absorb(rows, grads)` as they are made and the first value returned is None: no `[n_destinations, ...]` tensor.
     `clean_logits` go to metrics that compare with the clean run (KL). `replace=("attn" | "mlp", l, value)` sets
     that layer's attention (all heads) or MLP output to the constant `value`: no gradient passes through it
     (EAP-IG-activations' interpolated node)."""
@@ -111,7 +114,7 @@ def destination_gradients(lm: LoadedModel, batch: Batch, gim: GIM = GIM(), graph
                     gate_up.append([spec.layer(model, l, p).output for p in spec.mlp_in])
                 if replace is not None and tuple(replace[:2]) == (where, l):     # constant; 0 · output keeps hooks firing
                     target = spec.layer(model, l, spec.o_proj if where == "attn" else spec.mlp)
-                    target.output = replace[2] + 0 * target.output
+                    target.output = replace[2].to(target.output.device) + 0 * target.output
         final = get_module(model, spec.final_norm)
         x = _freeze_norm(lm, final, "final") if gim.norm_freeze else final.input
         norm_in.append(x.save()); norm_out.append(final.output)
@@ -135,28 +138,30 @@ def destination_gradients(lm: LoadedModel, batch: Batch, gim: GIM = GIM(), graph
                         if gim.qkv_scale: g = g * s; t.grad = g
                         got.insert(0, g)
                 grads[("qkv", l)] = torch.cat(got, dim=-1).save()
-    return _pull_back(lm, graph, grads, [x.detach() for x in norm_in], gim, out, weight), metric.detach()
+    return _pull_back(lm, graph, grads, [x.detach() for x in norm_in], gim, out, weight, absorb), metric.detach()
 
-def _pull_back(lm: LoadedModel, graph: Graph, grads: dict, norm_in: list, gim: GIM,
-               out: torch.Tensor | None = None, weight: float = 1.0) -> torch.Tensor:
-    "Turn projection / norm-output gradients into per-destination input gradients (added, times `weight`, into `out`)."
+def _pull_back(lm: LoadedModel, graph: Graph, grads: dict, norm_in: list, gim: GIM, out: torch.Tensor | None = None,
+               weight: float = 1.0, absorb: Callable[[slice, torch.Tensor], None] | None = None) -> torch.Tensor | None:
+    """Turn projection / norm-output gradients into per-destination input gradients, one layer's destinations at a
+    time: each group, times `weight`, goes to `absorb(rows, grads)`, or else is added into `out` (made if None)."""
     spec, hf = lm.spec, lm.hf
     H, K, dh = spec.n_heads, spec.n_kv_heads, spec.d_head
     g0 = grads["final"]
-    if out is None: out = g0.new_zeros(graph.n_destinations, *g0.shape)
-    def add(rows, where: str, l: int | None, x: torch.Tensor, g: torch.Tensor):
-        out[rows].add_(spec.norm_vjp(spec.norm_module(hf, where, l), x, g, gim.norm_freeze), alpha=weight)
+    if absorb is None:
+        if out is None: out = g0.new_zeros(graph.n_destinations, *g0.shape)
+        absorb = lambda rows, g: out[rows].add_(g.to(out.device))
+    def pull(rows: slice, where: str, l: int | None, x: torch.Tensor, g: torch.Tensor):
+        dx = spec.norm_vjp(spec.norm_module(hf, where, l), x, g, gim.norm_freeze)
+        absorb(rows, dx if weight == 1 else dx.mul_(weight))
     for l in range(spec.n_layers):
-        g = grads[("qkv", l)]
-        gq, gk, gv = g.split([H * dh, K * dh, K * dh], dim=-1)
-        first = graph.attn_destinations(l).start                     # q heads, then k, then v heads
-        for gx, W, n in zip((gq, gk, gv), spec.W_QKV(hf, l), (H, K, K)):
-            add(slice(first, first + n), "attn", l, norm_in[2 * l], torch.einsum("btnk,nmk->nbtm", gx.unflatten(-1, (-1, dh)), W))
-            first += n
+        gq, gk, gv = grads[("qkv", l)].split([H * dh, K * dh, K * dh], dim=-1)
+        per_head = torch.cat([torch.einsum("btnk,nmk->nbtm", gx.unflatten(-1, (-1, dh)), W)      # q heads, then k, v
+                              for gx, W in zip((gq, gk, gv), spec.W_QKV(hf, l))])
+        pull(graph.attn_destinations(l), "attn", l, norm_in[2 * l], per_head)
         m = graph.mlp_destination(l)
-        add(slice(m, m + 1), "mlp", l, norm_in[2 * l + 1], grads[("mlp", l)][None])
-    add(slice(graph.n_destinations - 1, None), "final", None, norm_in[-1], g0[None])
-    return out.detach()
+        pull(slice(m, m + 1), "mlp", l, norm_in[2 * l + 1], grads[("mlp", l)][None])
+    pull(slice(graph.n_destinations - 1, None), "final", None, norm_in[-1], g0[None])
+    return None if out is None else out.detach()
 
 # %% ../nbs/07_attribute.ipynb #9732c11e
 def logits_with_gim(lm: LoadedModel, batch: Batch, gim: GIM) -> torch.Tensor:
@@ -190,10 +195,47 @@ def edge_scores(graph: Graph, delta: torch.Tensor, grads: torch.Tensor, layout: 
         out[s, :, -1] = dl @ gr[-1]
     return out if graph.positional else out[0]
 
+# %% ../nbs/07_attribute.ipynb #0dc22624
+class EdgeScoreSum:
+    """Edge scores summed as destination gradients arrive, a layer's destinations at a time and pass after pass:
+    `edge_scores` of the summed gradients without holding them. Also each pair's input-row sum (completeness).
+    `delta` `[n_sources, b, pos, d]` is sorted by span in place."""
+    def __init__(self, graph: Graph, delta: torch.Tensor, layout: SpanLayout | None = None):
+        if graph.positional and layout is None: raise ValueError("A positional graph's scores need the batch's SpanLayout.")
+        self.graph, self.n_upstream = graph, graph.n_upstream.tolist()
+        self.layout = layout or SpanLayout(tuple(delta.shape[1:3]), [(0, delta.shape[1] * delta.shape[2])])
+        self.delta_input = delta[0].float().clone()                  # [b, pos, d], for each pair's input row
+        self.delta = self.layout.sort_(delta).float()                # [n_sources, b * pos, d] in span order
+        self.scores = self.delta.new_zeros(graph.n_spans, graph.n_sources, graph.n_destinations)
+        self.input_row = self.delta.new_zeros(delta.shape[1])
+
+    def __call__(self, rows: slice, grads: torch.Tensor) -> None:
+        "Add the scores of destinations `rows` (fed by the same sources) from their gradients `grads` `[k, b, pos, d]`."
+        grads = grads.to(self.delta.device, torch.float32)        # from the layer's device, under a device map
+        self.input_row += torch.einsum("btd,btd->b", self.delta_input, grads.sum(0))
+        n, g = self.n_upstream[rows.start], self.layout.sort(grads)
+        for s, (a, b) in enumerate(self.layout.bounds):
+            if a == b: continue
+            self.scores[s, :n, rows] += self.delta[:n, a:b].flatten(1) @ g[:, a:b].flatten(1).T
+
+    def add(self, grads: torch.Tensor) -> None:
+        "Add the scores from every destination's gradients at once, `grads` `[n_destinations, b, pos, d]`."
+        g = self.graph
+        for l in range(g.spec.n_layers):
+            m = g.mlp_destination(l)
+            self(g.attn_destinations(l), grads[g.attn_destinations(l)]); self(slice(m, m + 1), grads[m:m + 1])
+        self(slice(g.n_destinations - 1, None), grads[-1:])
+
+    @property
+    def edge_scores(self) -> torch.Tensor:
+        "The scores so far, of `graph.shape`."
+        return self.scores if self.graph.positional else self.scores[0]
+
 # %% ../nbs/07_attribute.ipynb #1a4f9919
 METHODS = ("eap", "eap-corrupted", "eap-ig", "eap-ig-activations")
 IG_RULES = ("left", "midpoint", "right")
 COMPLETENESS_TOLERANCE = 0.2     # warn when a pair's input-row sum is off the measured gap by more than this share
+STREAM_ABOVE_BYTES = 2**30       # score pass by pass (`EdgeScoreSum`) when one pass's destination gradients exceed this
 
 @dataclass
 class Attribution:
@@ -274,34 +316,34 @@ def _layer_outputs(graph: Graph, z: torch.Tensor) -> dict[tuple[str, int], torch
     H, out = graph.spec.n_heads, {}
     for l in range(graph.spec.n_layers):
         first = graph.head_source(l, 0)
-        out["attn", l], out["mlp", l] = z[first:first + H].sum(0), z[graph.mlp_source(l)]
+        out["attn", l], out["mlp", l] = z[first:first + H].sum(0), z[graph.mlp_source(l)].clone()
     return out
 
 def _ig_activation_gradients(lm: LoadedModel, clean: Batch, gim: GIM, graph: Graph, emb_corr: torch.Tensor,
                              emb_clean: torch.Tensor, corr: dict, delta: dict, alphas: list[float], kw: dict,
-                             progress: bool = False) -> torch.Tensor:
-    "EAP-IG-activations: destination gradients averaged over every node group interpolated at every α in turn."
-    weight, grads = 1 / ((1 + len(corr)) * len(alphas)), None
+                             progress: bool = False) -> None:
+    "EAP-IG-activations: destination gradients (to `kw['absorb']`) averaged over every node group interpolated at every α in turn."
+    weight = 1 / ((1 + len(corr)) * len(alphas))
     for a in alphas:                                           # the input node: interpolated embeddings
-        grads = destination_gradients(lm, clean, gim, graph, layer0_input=emb_corr + a * (emb_clean - emb_corr),
-                                      out=grads, weight=weight, **kw)[0]
+        destination_gradients(lm, clean, gim, graph, layer0_input=emb_corr + a * (emb_clean - emb_corr), weight=weight, **kw)
     for (where, l), c in tqdm(corr.items(), desc="node groups", leave=False, disable=not progress):
         for a in alphas:
-            grads = destination_gradients(lm, clean, gim, graph, out=grads, weight=weight,
-                                          replace=(where, l, c + a * delta[where, l]), **kw)[0]
-    return grads
+            destination_gradients(lm, clean, gim, graph, weight=weight, replace=(where, l, c + a * delta[where, l]), **kw)
 
 def attribute(lm: LoadedModel, pairs: Sequence, method: str = "eap-ig", ig_steps: int = 5,
               gim: GIM | bool | None = None, batch_size: int = 1, progress: bool = True, *,
               spans: str | Graph = "none", metric: str | Callable = "summary_logprob",
-              ig_rule: str = "left") -> Attribution:
+              ig_rule: str = "left", stream_scores: bool | None = None) -> Attribution:
     """Score every edge of `lm`'s graph on clean/corrupted `pairs` with EAP (gradient at the clean run),
     `"eap-corrupted"` (at the corrupted run), EAP-IG (`ig_steps` points by `ig_rule` between the corrupted and
     clean inputs) or `"eap-ig-activations"` (Hanna et al. 2024: each node group — the input, every attention
     layer, every MLP — interpolated in turn, `(2L + 1) · ig_steps` gradient passes; the reference uses
     `ig_rule="right"`), optionally with GIM.
     `spans`: a span schema (`"none"`, `"roles"`, `"tokens"`) or a ready `Graph`; `metric`: a name of
-    `summcircuit.metrics.METRICS` or a function `(logits, batch, clean_logits) -> [batch]`."""
+    `summcircuit.metrics.METRICS` or a function `(logits, batch, clean_logits) -> [batch]`. `stream_scores`: score
+    each gradient pass as the pull-back makes it (`EdgeScoreSum`) instead of summing the passes' gradients first,
+    which holds `[n_destinations, b, pos, d]` (1.1 GiB for SmolLM2 at 1,024 tokens) but scores once; None
+    streams when that tensor would exceed `STREAM_ABOVE_BYTES`."""
     _check_options(method, ig_steps, ig_rule)
     check_finite_weights(lm, "attribution")
     metric_fn, gim = get_metric(metric), as_gim(gim)
@@ -321,22 +363,27 @@ def attribute(lm: LoadedModel, pairs: Sequence, method: str = "eap-ig", ig_steps
         groups_corr = _layer_outputs(graph, z_corr) if method == "eap-ig-activations" else None
         delta = z_clean.sub_(z_corr).mul_(clean.attention_mask[None, :, :, None])   # in place: memory stays bounded
         del z_clean, z_corr
-        kw = dict(metric=metric_fn, clean_logits=logits_clean)
+        groups_delta = _layer_outputs(graph, delta) if method == "eap-ig-activations" else None
+        scores = EdgeScoreSum(graph, delta, layout)
+        size = graph.n_destinations * delta[0].numel() * 4
+        stream = size > STREAM_ABOVE_BYTES if stream_scores is None else stream_scores
+        buffer = None if stream else torch.zeros(graph.n_destinations, *delta.shape[1:], device=delta.device)
+        kw = dict(metric=metric_fn, clean_logits=logits_clean, **({"absorb": scores} if stream else {"out": buffer}))
         if method in ("eap", "eap-corrupted"):
-            grads = destination_gradients(lm, clean if method == "eap" else corr, gim, graph, **kw)[0]
+            destination_gradients(lm, clean if method == "eap" else corr, gim, graph, **kw)
         elif method == "eap-ig":
-            grads = None
             for a in ig_alphas(ig_steps, ig_rule):
                 e = emb_corr + a * (emb_clean - emb_corr)
-                grads = destination_gradients(lm, clean, gim, graph, layer0_input=e, out=grads, weight=1 / ig_steps, **kw)[0]
+                destination_gradients(lm, clean, gim, graph, layer0_input=e, weight=1 / ig_steps, **kw)
         else:
-            grads = _ig_activation_gradients(lm, clean, gim, graph, emb_corr, emb_clean, groups_corr,
-                                             _layer_outputs(graph, delta), ig_alphas(ig_steps, ig_rule), kw, progress)
-        input_row += (delta[0] * grads.sum(0)).sum((-2, -1)).tolist()   # before edge_scores sorts them in place
-        total += edge_scores(graph, delta, grads, layout)
+            _ig_activation_gradients(lm, clean, gim, graph, emb_corr, emb_clean, groups_corr, groups_delta,
+                                     ig_alphas(ig_steps, ig_rule), kw, progress)
+        if buffer is not None: scores.add(buffer)    # the passes' summed gradients, scored once
+        input_row += scores.input_row.tolist()
+        total += scores.edge_scores
         m_clean += mc.tolist()
         m_corr += mk.tolist()
-        del delta, grads
+        del delta, scores, kw, buffer
         gc.collect()
     n = len(m_clean)
     if bad := int((~torch.isfinite(total)).sum()):

@@ -19,8 +19,8 @@ from .models import WEIGHT_FILES, ArchSpec, LoadedModel, load_model
 # %% auto #0
 __all__ = ['INDEX_NAME', 'PARAMS_NAME', 'FINETUNE_COMMAND', 'TrainingConfig', 'training_prompts', 'PromptDataset',
            'SummaryCollator', 'training_arguments', 'Checkpoint', 'load_checkpoints', 'CheckpointIndex',
-           'TrainingDiverged', 'StopOnNonFinite', 'FinetuneRun', 'world_size', 'finetune', 'finetune_stage',
-           'plot_loss_curve']
+           'TrainingDiverged', 'StopOnNonFinite', 'FinetuneRun', 'world_size', 'is_lead_process', 'process_device',
+           'finetune', 'finetune_stage', 'plot_loss_curve']
 
 # %% ../nbs/03_finetune.ipynb #5fbbd68b
 @dataclass
@@ -219,6 +219,16 @@ def world_size() -> int:
     "Processes of a distributed launch (`torchrun`, `accelerate launch` set `WORLD_SIZE`); 1 when not distributed."
     return int(os.environ.get("WORLD_SIZE", "1"))
 
+def is_lead_process() -> bool:
+    "Whether this is the process that writes and reports (rank 0 of a distributed launch, or the only one)."
+    return int(os.environ.get("RANK", "0")) == 0
+
+def process_device(device: str) -> str:
+    "`device` for this process: under a distributed launch on GPUs, `auto`/`cuda` mean this process's own GPU (`LOCAL_RANK`)."
+    if world_size() > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return device
+
 def finetune(lm: LoadedModel, train_examples: Sequence[SummaryExample], val_examples: Sequence[SummaryExample],
              folder: str | Path, cfg: TrainingConfig | None = None, seed: int = 0,
              callbacks: Sequence[TrainerCallback] = (), progress: bool = True) -> FinetuneRun:
@@ -312,8 +322,7 @@ def finetune_stage(run_name: str | None, model: str, dataset: str, aspect: str =
     overrides = {k: v for k, v in dict(sizes, n_train=n_examples, n_val=n_val).items() if v is not None}
     cfg = replace(base or TrainingConfig(), **overrides)
     folder = Path(folder) if folder is not None else run_dir(run_name) / "finetune"
-    if world_size() > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    device = process_device(device)
     train_docs = load_examples(dataset, "train", aspect, n=cfg.n_train, seed=seed)
     val_docs = load_examples(dataset, "val", aspect, n=cfg.n_val, seed=seed)
     if progress:

@@ -283,15 +283,17 @@ def node_outputs(lm: LoadedModel, batch: Batch, return_logits: bool = False, ret
     model, spec = lm.model, lm.spec
     check_context(spec, batch)
     batch = batch.to(lm.device)
-    qkv = []
+    qkv, H = [], spec.n_heads
     keep = logits_to_keep if logits_to_keep is not None else (0 if return_logits else 1)
+    stacked = torch.empty(1 + spec.n_layers * (H + 1), *batch.input_ids.shape, spec.d_model, dtype=lm.hf.dtype,
+                          device=lm.device)          # written in place: never a second copy of the outputs
     with torch.no_grad(), model.trace(batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep):
-        outs = [spec.resid_pre(model, 0)[None]]
+        stacked[0] = spec.resid_pre(model, 0)
         for l in range(spec.n_layers):
             if return_qkv: qkv.append(tuple(t.save() for t in spec.qkv(model, l)))
-            outs.append(head_contributions(spec, lm.hf, l, spec.z(model, l)))
-            outs.append(spec.mlp_out(model, l)[None])
-        stacked = torch.cat(outs).save()
+            first = 1 + l * (H + 1)                  # the layer's heads, then its MLP
+            stacked[first:first + H] = head_contributions(spec, lm.hf, l, spec.z(model, l))
+            stacked[first + H] = spec.mlp_out(model, l)
         logits = model.output.logits.save()
     extra = [logits] * return_logits + [qkv] * return_qkv
     return (stacked, *extra) if extra else stacked
@@ -337,7 +339,8 @@ def project_qkv(spec: ArchSpec, hf, l: int, x: torch.Tensor, active: torch.Tenso
     active destinations' inputs and the other heads' values are taken from `base` (the corrupted run's `(q, k, v)`)."""
     H, K = spec.n_heads, spec.n_kv_heads
     active = torch.ones(H + 2 * K, dtype=torch.bool) if active is None else active.cpu()
-    xn = spec.apply_norm(spec.norm_module(hf, "attn", l), x)
+    norm = spec.norm_module(hf, "attn", l)
+    xn = spec.apply_norm(norm, x.to(norm.weight.device))                # the layer's device, under a device map too
     out, i = [], 0
     for (lo, hi), W, b, old in zip(((0, H), (H, H + K), (H + K, H + 2 * K)), spec.W_QKV(hf, l), spec.b_QKV(hf, l),
                                    base or (None,) * 3):
@@ -469,6 +472,7 @@ def run_with_patched_edges(lm: LoadedModel, clean: Batch, corrupted: Batch, edge
         for l in range(spec.n_layers):
             n, qkv = graph.n_upstream_attn(l), run.qkv[l]
             n_mlp, m = graph.n_upstream_mlp(l), graph.mlp_destination(l)
+            here = spec.norm_module(hf, "attn", l).weight.device   # the layer's device (one of several under a device map)
             mlp_partial = None        # the MLP's input from the sources before this layer's heads, when computed here
             if full_attn is not None and full_attn[l]:                 # clean values, taken as they are
                 spec.set_qkv(model, l, *clean_run.qkv[l], skip=True)
@@ -486,21 +490,22 @@ def run_with_patched_edges(lm: LoadedModel, clean: Batch, corrupted: Batch, edge
                 if heads.any():       # z sorted by span first: a ninth of the data of sorting the heads' writes
                     z = layout.sort(spec.z(model, l).flatten(-2)).unflatten(-1, (H, spec.d_head))
                 if heads.all():
-                    torch.sub(head_contributions(spec, hf, l, z), corr[n:n + H], out=change[n:n + H])
+                    torch.sub(head_contributions(spec, hf, l, z).to(corr.device), corr[n:n + H], out=change[n:n + H])
                 elif heads.any():
                     idx = heads.nonzero().squeeze(1)
-                    change[n + idx] = head_contributions(spec, hf, l, z[:, idx.to(lm.device)], idx.to(lm.device)) - corr[n + idx]
+                    change[n + idx] = head_contributions(spec, hf, l, z[:, idx.to(here)], idx.to(here)).to(corr.device) - corr[n + idx]
             if full_mlp is not None and full_mlp[l]:
-                spec.layer(model, l, spec.mlp).skip(layout.unsort(clean_outputs[n_mlp:n_mlp + 1])[0])
+                spec.layer(model, l, spec.mlp).skip(layout.unsort(clean_outputs[n_mlp:n_mlp + 1])[0].to(here))
                 change[n_mlp] = clean_outputs[n_mlp] - corr[n_mlp]
             elif mlp[l]:
                 if mlp_partial is None: x = inputs(slice(m, m + 1), n_mlp)
                 else:                 # add this layer's heads: their corrupted outputs and the changes on kept edges
                     x = patched_inputs(mask[:, n:n_mlp, m:m + 1], change[n:n_mlp], mlp_partial + corr[n:n_mlp].sum(0),
                                        layout, None if live is None else live[n:n_mlp])
-                spec.layer(model, l, spec.ln_mlp).input = layout.unsort(x)[0]
-                change[n_mlp] = layout.sort(spec.mlp_out(model, l)[None])[0] - corr[n_mlp]
-            else: spec.layer(model, l, spec.mlp).skip(layout.unsort(corr[n_mlp:n_mlp + 1])[0])
-        get_module(model, spec.final_norm).input = layout.unsort(inputs(slice(-1, None), graph.n_sources))[0]
+                spec.layer(model, l, spec.ln_mlp).input = layout.unsort(x)[0].to(here)
+                change[n_mlp] = layout.sort(spec.mlp_out(model, l)[None])[0].to(corr.device) - corr[n_mlp]
+            else: spec.layer(model, l, spec.mlp).skip(layout.unsort(corr[n_mlp:n_mlp + 1])[0].to(here))
+        final = spec.norm_module(hf, "final", None).weight.device
+        get_module(model, spec.final_norm).input = layout.unsort(inputs(slice(-1, None), graph.n_sources))[0].to(final)
         logits = model.output.logits.save()
     return logits

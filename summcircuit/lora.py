@@ -5,7 +5,7 @@
 # %% ../nbs/09_peft.ipynb #703d5e4d
 from __future__ import annotations
 import gc, math, random, re, time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -15,10 +15,11 @@ from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 from transformers import PrinterCallback, Trainer, TrainerCallback
 
-from .core import content_hash, load_json, recorded_jobs, save_json, seed_everything
-from .data import SummaryExample
-from .evaluate import ROUGE_METRICS, RougeResult, evaluate_rouge, plot_rouge, rouge_table
-from .finetune import (PromptDataset, SummaryCollator, TrainingConfig, training_arguments,
+from .core import content_hash, load_json, recorded_jobs, run_dir, save_json, seed_everything
+from .data import SummaryExample, load_examples
+from .evaluate import ROUGE_METRICS, RougeResult, evaluate_rouge, plot_rouge, rouge_artifact_name, rouge_table
+from .finetune import (PromptDataset, SummaryCollator, TrainingConfig, is_lead_process, process_device,
+                                  training_arguments, world_size,
                                   training_prompts)
 from .models import ArchSpec, LoadedModel, get_module, load_model
 
@@ -26,7 +27,7 @@ from .models import ArchSpec, LoadedModel, get_module, load_model
 __all__ = ['NEUTRAL_MODULES', 'LoraTarget', 'lora_targets', 'closed_form_lora_params', 'LoraModel', 'trainable_parameters',
            'add_lora', 'KeepBest', 'TrainOutcome', 'train_with_early_stopping', 'train_lora', 'Variant', 'full',
            'lora_all', 'lora_targeted', 'lora_circuit', 'lora_random', 'result_key', 'run_variant', 'run_bakeoff',
-           'bakeoff_table', 'plot_bakeoff', 'critical_layers_of_run', 'circuit_selection_of_run']
+           'bakeoff_table', 'plot_bakeoff', 'critical_layers_of_run', 'circuit_selection_of_run', 'bakeoff_stage']
 
 # %% ../nbs/09_peft.ipynb #ca1ffd50
 NEUTRAL_MODULES = ("q", "k", "v", "o", "mlp")
@@ -190,11 +191,15 @@ def train_with_early_stopping(model: torch.nn.Module, lm: LoadedModel, train_exa
     import tempfile
     train = training_prompts(train_examples, lm.tokenizer, lm.spec, cfg.max_source_tokens, "train")
     val = training_prompts(val_examples, lm.tokenizer, lm.spec, cfg.max_source_tokens, "val")
+    world = world_size()
+    if cfg.bakeoff_batch_size % world:
+        raise ValueError(f"bakeoff_batch_size={cfg.bakeoff_batch_size} does not split over {world} processes: the batch "
+                         f"is global (each process takes a 1/{world} share); use a multiple of {world}.")
     seed_everything(seed)
     keep = KeepBest(model, cfg.patience)
     with tempfile.TemporaryDirectory() as tmp:
         args = training_arguments(cfg, output_dir or tmp, max_steps=cfg.bakeoff_max_steps,
-                                  learning_rate=cfg.bakeoff_learning_rate, batch_size=cfg.bakeoff_batch_size,
+                                  learning_rate=cfg.bakeoff_learning_rate, batch_size=cfg.bakeoff_batch_size // world,
                                   eval_steps=cfg.eval_every, save_steps=None, seed=seed, device=lm.device,
                                   progress=progress, eval_on_start=True)
         trainer = Trainer(model=model, args=args, train_dataset=PromptDataset(train), eval_dataset=PromptDataset(val),
@@ -314,6 +319,7 @@ def run_variant(model: str, variant: Variant, train_examples, val_examples, test
         counts = {"trainable_params": lora.trainable, "trainable_params_library": lora.peft_count - lora.masked,
                   "trainable_params_closed_form": lora.closed_form, "peft_count_unmasked": lora.peft_count}
     outcome = train_with_early_stopping(train_model, lm, train_examples, val_examples, cfg, seed, progress=progress)
+    if not is_lead_process(): return {}      # under a distributed launch the other processes only train
     rouge = evaluate_rouge(lm, test_examples, cfg.max_source_tokens, cfg.max_new_tokens, cfg.gen_batch_size, progress)
     result = {"variant": variant.name, "label": variant.label, "seed": seed, "layers": layers,
               "heads": None if heads is None else {str(k): v for k, v in heads.items()}, **counts,
@@ -338,16 +344,16 @@ def run_bakeoff(model: str, variants: Sequence[Variant], train_examples: Sequenc
         if not v.is_full: lora_targets(lm.spec, layers, cfg.lora_modules, heads)
     training_prompts(train_examples, lm.tokenizer, lm.spec, cfg.max_source_tokens, "train")   # fail early, write nothing
     training_prompts(val_examples, lm.tokenizer, lm.spec, cfg.max_source_tokens, "val")
-    results = []
+    results, lead = [], is_lead_process()     # under torchrun, every process trains and only the lead one writes
     base_path, key = folder / "base.json", result_key(model, None, cfg, 0, test_examples)
-    if _load_result(base_path, key) is None:
+    if lead and _load_result(base_path, key) is None:
         if base is not None and base.ids != [e.id for e in test_examples]:
             raise ValueError("The given base result was scored on other documents than test_examples.")
         rouge = base or evaluate_rouge(lm, test_examples, cfg.max_source_tokens, cfg.max_new_tokens, cfg.gen_batch_size,
                                        progress)
         save_json(base_path, {"key": key, "variant": "base", "label": "base", "seed": 0, "trainable_params": 0,
                               "rouge": rouge.to_json()})
-    results.append(load_json(base_path))
+    if lead: results.append(load_json(base_path))
     del lm
     runs = [(seed, v) for seed in seeds for v in variants]
     keys = {(seed, v): result_key(model, v, cfg, seed, train_examples, val_examples, test_examples) for seed, v in runs}
@@ -355,9 +361,9 @@ def run_bakeoff(model: str, variants: Sequence[Variant], train_examples: Sequenc
     for seed, v in tqdm(runs, desc="bake-off runs", disable=not progress):
         path = _result_path(folder, v.label, seed)
         if not path.exists():
-            result = run_variant(model, v, train_examples, val_examples, test_examples, cfg, seed, device, progress)
-            save_json(path, {"key": keys[seed, v], **result})
-        results.append(load_json(path))
+            result = run_variant(model, v, train_examples, val_examples, test_examples, cfg, seed, device, progress and lead)
+            if lead: save_json(path, {"key": keys[seed, v], **result})
+        if lead: results.append(load_json(path))
     return results
 
 # %% ../nbs/09_peft.ipynb #b2929b8d
@@ -433,3 +439,32 @@ def circuit_selection_of_run(run_folder: str | Path, k: int = 3, mode: str = "la
     if mode != "layers": raise ValueError(f"mode={mode!r}: use 'layers' or 'heads'.")
     profile = np.asarray(circuit["layer_profile"][1:])            # entry 0 is the input embedding
     return sorted(np.argsort(-profile, kind="stable")[:k].tolist())
+
+# %% ../nbs/09_peft.ipynb #736ea960
+def bakeoff_stage(run_name: str, model: str, dataset: str, aspect: str = "outcome", n_examples: int | None = None,
+                  device: str = "auto", seed: int = 0, seeds: Sequence[int] | None = None,
+                  targeted_layers: Sequence[int] | None = None, circuit: Sequence | None = None,
+                  circuit_mode: str = "layers", random_draws: int = 1, bakeoff_max_steps: int | None = None,
+                  bakeoff_learning_rate: float | None = None, progress: bool = True) -> list[dict]:
+    """The bake-off of run `run_name`, into `runs/<run_name>/peft/`: full fine-tuning and LoRA on all layers, on the
+    differential analysis's critical layers (or `targeted_layers`), on the circuit's layers (or `circuit`) and on
+    `random_draws` random layer sets, at `seeds` (default `[seed]`). The stage notebook calls it, and so does
+    `summcircuit bakeoff`, which a distributed launcher starts once per process: every process trains each
+    variant together (HF `Trainer`'s data parallelism), the lead one evaluates and writes; the others return []."""
+    folder = run_dir(run_name)
+    cfg = replace(TrainingConfig(), **{k: v for k, v in dict(n_train=n_examples, bakeoff_max_steps=bakeoff_max_steps,
+                  bakeoff_learning_rate=bakeoff_learning_rate).items() if v is not None})
+    targeted = list(targeted_layers or critical_layers_of_run(folder))
+    circuit = circuit or circuit_selection_of_run(folder, len(targeted), circuit_mode)
+    variants = [full(), lora_all(), lora_targeted(targeted), lora_circuit(circuit)] + \
+               [lora_random(len(targeted), draw=d) for d in range(random_draws)]
+    if progress:
+        spec = load_model(model, device="cpu").spec
+        for v in variants: print(f"{v.label:16s} layers, heads: {v.resolve(spec)}")
+    data = {s: load_examples(dataset, s, aspect, n=n, seed=seed)
+            for s, n in (("train", cfg.n_train), ("val", cfg.n_val), ("test", cfg.n_eval))}
+    # the evaluation stage's base-model result, when it scored the same documents the same way
+    base_file = folder / "evaluate" / rouge_artifact_name(0, data["test"], cfg.max_source_tokens, cfg.max_new_tokens)
+    base = RougeResult.from_json(load_json(base_file)) if base_file.exists() else None
+    return run_bakeoff(model, variants, data["train"], data["val"], data["test"], folder / "peft", cfg,
+                       seeds or [seed], process_device(device), progress, base)

@@ -347,8 +347,11 @@ def _from_folder_or_hub(name: str, dtype) -> tuple[PreTrainedModel, PreTrainedTo
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
 
 def load_model(name: str = "smollm2-135m", device: str | torch.device = "auto", dtype: torch.dtype | None = None,
-               seed: int = 0) -> LoadedModel:
-    "Load `name` (embedded, tiny, folder or hub) on `device`, wrapped for nnsight, with tokenizer and `ArchSpec`."
+               seed: int = 0, device_map: str | dict | None = None) -> LoadedModel:
+    """Load `name` (embedded, tiny, folder or hub) on `device`, wrapped for nnsight, with tokenizer and `ArchSpec`.
+    `device_map` (`"auto"`, or accelerate's map of module names to devices) spreads a model too large for one
+    device over several instead: the weights load on the CPU, accelerate places the layers and moves activations
+    between them, and `device` is not used."""
     dev = resolve_device(device)
     if name in TINY_CONFIGS: model, tok = tiny_model(name, seed), byte_tokenizer()
     elif name in EMBEDDED: model, tok = _load_smollm2(cache_dir("models") / name)
@@ -356,7 +359,12 @@ def load_model(name: str = "smollm2-135m", device: str | torch.device = "auto", 
     spec = arch_spec(model.config)      # fails clearly on an unsupported family before any work is done
     if model.config._attn_implementation != "eager": model.set_attn_implementation("eager")
     if tok.pad_token is None: tok.pad_token = tok.eos_token
-    model = model.to(device=dev, dtype=dtype or model.dtype).eval()
+    if device_map is None: model = model.to(device=dev, dtype=dtype or model.dtype).eval()
+    else:
+        from accelerate import dispatch_model, infer_auto_device_map
+        model = model.to(dtype=dtype or model.dtype).eval()
+        if device_map == "auto": device_map = infer_auto_device_map(model, no_split_module_classes=model._no_split_modules)
+        model = dispatch_model(model, device_map)
     return LoadedModel(NNsight(model), tok, spec, name)
 
 # %% ../nbs/01_models.ipynb #2c775a03

@@ -19,13 +19,13 @@ from .diff import layer_entropies
 
 # %% auto #0
 __all__ = ['DEVICE_PATTERN', 'PARAMETER_RULES', 'PARAMETER_CHOICES', 'SHARED_PARAMETERS', 'STAGES', 'STALE', 'DEMO_TAG',
-           'PROGRESS', 'project_root', 'runs_root', 'RunConfig', 'Yaml12Loader', 'check_run_name', 'check_shared',
-           'load_config', 'notebook_parameters', 'notebook_parameter_types', 'parameter_types', 'check_parameter',
-           'notebook_text', 'check_value', 'Stage', 'stage_named', 'Job', 'library_modules', 'job_key',
-           'select_checkpoints', 'StageNotReady', 'stage_parameters', 'plan_stage', 'StageFailed', 'move_aside',
-           'restore_aside', 'job_outputs', 'stage_input', 'progress_mode', 'execute_job', 'job_environment',
-           'execute_side_by_side', 'JobRecord', 'PipelineResult', 'run_pipeline', 'write_stage_notebook', 'smoke',
-           'run_command', 'finetune_command', 'report_command', 'main']
+           'PROGRESS', 'DISTRIBUTED_STAGES', 'project_root', 'runs_root', 'RunConfig', 'Yaml12Loader', 'check_run_name',
+           'check_shared', 'load_config', 'notebook_parameters', 'notebook_parameter_types', 'parameter_types',
+           'check_parameter', 'notebook_text', 'check_value', 'Stage', 'stage_named', 'Job', 'library_modules',
+           'job_key', 'select_checkpoints', 'StageNotReady', 'stage_parameters', 'plan_stage', 'StageFailed',
+           'move_aside', 'restore_aside', 'job_outputs', 'stage_input', 'progress_mode', 'execute_job',
+           'job_environment', 'execute_side_by_side', 'JobRecord', 'PipelineResult', 'run_pipeline',
+           'write_stage_notebook', 'smoke', 'run_command', 'stage_command', 'report_command', 'main']
 
 # %% ../nbs/10_pipeline.ipynb #2cf3d64b
 def project_root(start: str | Path | None = None) -> Path:
@@ -796,21 +796,26 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"report: {site / 'index.html'}")
     return 0
 
-def finetune_command(args: argparse.Namespace) -> int:
-    """`summcircuit finetune`: only the fine-tuning stage of a configuration, in this process, so that a distributed
-    launcher can start it once per process (`torchrun --nproc_per_node N $(which summcircuit) finetune`); a later
-    `summcircuit run` finds it finished and goes on."""
-    from summcircuit.finetune import finetune_stage, world_size
+DISTRIBUTED_STAGES = {"finetune": "finetune", "bakeoff": "peft"}   # subcommand -> the stage it runs alone
+
+def stage_command(args: argparse.Namespace) -> int:
+    """`summcircuit finetune` / `summcircuit bakeoff`: only that stage of a configuration, in this process, so that a
+    distributed launcher can start it once per process (`torchrun --nproc_per_node N $(which summcircuit)
+    finetune`); its trainings are then data-parallel, and a later `summcircuit run` finds the work done and goes on."""
+    from summcircuit.finetune import finetune_stage, is_lead_process, world_size
+    from summcircuit.lora import bakeoff_stage
     cfg = load_config(args.config, args.set or (), args.name)
-    params = stage_parameters(STAGES[0], cfg, project_root() / "nbs")
+    params = stage_parameters(stage_named(DISTRIBUTED_STAGES[args.command]), cfg, project_root() / "nbs")
     os.environ["SUMMCIRCUIT_RUNS"] = str(runs_root(args.runs_root))
-    lead = int(os.environ.get("RANK", "0")) == 0
-    t0 = time.time()
-    result = finetune_stage(**params, progress=lead)
+    lead, t0 = is_lead_process(), time.time()
+    if args.command == "finetune":
+        result = finetune_stage(**params, progress=lead)
+        done = f"fine-tuned in {{:.0f}} s on {world_size()} process(es): {len(result.checkpoints)} checkpoints in {result.folder}"
+    else:
+        results = bakeoff_stage(**params, progress=lead)
+        done = f"bake-off done in {{:.0f}} s on {world_size()} process(es): {len(results)} results in runs/{cfg.name}/peft"
     if torch.distributed.is_initialized(): torch.distributed.destroy_process_group()   # else gloo aborts at exit
-    if lead:
-        print(f"fine-tuned in {time.time() - t0:.0f} s on {world_size()} process(es): {len(result.checkpoints)} "
-              f"checkpoints in {result.folder}; `summcircuit run --config {args.config}` goes on from here.")
+    if lead: print(done.format(time.time() - t0) + f"; `summcircuit run --config {args.config}` goes on from here.")
     return 0
 
 def report_command(args: argparse.Namespace) -> int:
@@ -841,13 +846,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="run up to N jobs of a per-checkpoint stage side by side, each with a GPU of its own when there are "
                         "GPUs, else an equal share of the CPU cores (default 1)")
     r.set_defaults(func=run_command)
-    f = sub.add_parser("finetune", help="only the fine-tuning stage, in this process: what torchrun / accelerate launch "
-                                        "start once per process for data-parallel fine-tuning")
-    f.add_argument("--config", default="default", help="a configuration name in configs/ or a YAML path")
-    f.add_argument("--name", default=None, help="run name (folder runs/<name>/); default: the configuration's name")
-    f.add_argument("--set", action="append", metavar="finetune.PARAM=VALUE", help="override a parameter; repeatable")
-    f.add_argument("--runs-root", default=None, help="folder of the runs (default: $SUMMCIRCUIT_RUNS or ./runs)")
-    f.set_defaults(func=finetune_command)
+    for command, what in (("finetune", "the fine-tuning stage"), ("bakeoff", "the LoRA bake-off (its stages before it done)")):
+        f = sub.add_parser(command, help=f"only {what}, in this process: what torchrun / accelerate launch start once "
+                                         "per process for data-parallel training")
+        f.add_argument("--config", default="default", help="a configuration name in configs/ or a YAML path")
+        f.add_argument("--name", default=None, help="run name (folder runs/<name>/); default: the configuration's name")
+        f.add_argument("--set", action="append", metavar=f"{DISTRIBUTED_STAGES[command]}.PARAM=VALUE",
+                       help="override a parameter; repeatable")
+        f.add_argument("--runs-root", default=None, help="folder of the runs (default: $SUMMCIRCUIT_RUNS or ./runs)")
+        f.set_defaults(func=stage_command)
     p = sub.add_parser("report", help="render the results website of one or more runs into _site/")
     p.add_argument("runs", nargs="+", help="run folders, e.g. runs/default; several add a comparison page")
     p.add_argument("--out", default="_site", help="output folder (default: _site)")

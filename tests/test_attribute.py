@@ -61,15 +61,17 @@ def test_destination_gradients_match_autograd(lm):
     assert ref[:, keep].abs().max() > 1e-3          # gradients are not trivially zero
 
 
-def test_eap_matches_reference(lm):
-    "EAP takes its gradient at the clean run (Syed et al.; the reference implementation); 'eap-corrupted' at the corrupted."
+@pytest.mark.parametrize("stream", [False, True])
+def test_eap_matches_reference(lm, stream):
+    """EAP takes its gradient at the clean run (Syed et al.; the reference implementation); 'eap-corrupted' at the
+    corrupted. Scores made as the pull-back goes (`stream_scores=True`) or from the whole gradient tensor alike."""
     clean = padded_batch(lm)
     corr = corrupted_copy(clean, 0, 30)
-    ours = attribute(lm, [(clean, corr)], "eap", progress=False)
+    ours = attribute(lm, [(clean, corr)], "eap", progress=False, stream_scores=stream)
     ref = reference_eap(lm, clean, corr)
     torch.testing.assert_close(ours.scores, ref, atol=1e-5, rtol=1e-4)
     assert ref.abs().max() > 1e-3
-    at_corr = attribute(lm, [(clean, corr)], "eap-corrupted", progress=False)
+    at_corr = attribute(lm, [(clean, corr)], "eap-corrupted", progress=False, stream_scores=stream)
     ref_corr = reference_eap(lm, clean, corr, at="corrupted")
     torch.testing.assert_close(at_corr.scores, ref_corr, atol=1e-5, rtol=1e-4)
     assert (ref - ref_corr).abs().max() > 1e-3          # the two linearizations differ
@@ -226,11 +228,13 @@ def reference_ig_activations(lm, clean, corr, steps):
     return scores
 
 
-def test_eap_ig_activations_matches_reference(lm):
+@pytest.mark.parametrize("stream", [False, True])
+def test_eap_ig_activations_matches_reference(lm, stream):
     "EAP-IG-activations against the hand-written definition on the plain-torch forward, and unlike EAP-IG."
     clean = padded_batch(lm)
     corr = corrupted_copy(clean, 0, 30)
-    ours = attribute(lm, [(clean, corr)], "eap-ig-activations", ig_steps=2, ig_rule="right", progress=False)
+    ours = attribute(lm, [(clean, corr)], "eap-ig-activations", ig_steps=2, ig_rule="right", progress=False,
+                     stream_scores=stream)
     ref = reference_ig_activations(lm, clean, corr, 2)
     torch.testing.assert_close(ours.scores, ref, atol=1e-5, rtol=1e-4)
     assert ref.abs().max() > 1e-3

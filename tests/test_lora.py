@@ -138,3 +138,40 @@ def test_bad_input():
         add_lora(lm, [0], ("o",))
     with pytest.raises(ValueError, match="pick 1..3"):
         lora_random(5, 0).resolve(lm.spec)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_bakeoff_under_two_gloo_processes_matches_one_process(tmp_path):
+    """`run_bakeoff` under `torchrun --nproc_per_node 2` (gloo on CPU; each process takes half of the global batch of
+    4) trains the variant to the validation curve of one process on the same global batch; only the lead process
+    writes, and it writes what one process writes."""
+    import os, socket, subprocess, sys
+    from pathlib import Path
+    from summcircuit.core import load_json
+    script = Path(__file__).parent / "ddp_bakeoff.py"
+    env = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one")], env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(port), str(script), str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=500)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir()) \
+        == ["base.json", "lora_targeted-s0.json"]
+    a, b = (load_json(tmp_path / run / "lora_targeted-s0.json") for run in ("one", "two"))
+    assert [s for s, _ in a["val_curve"]] == [s for s, _ in b["val_curve"]] == [0, 1, 2, 3]
+    for (_, la), (_, lb) in zip(a["val_curve"], b["val_curve"]): assert lb == pytest.approx(la, abs=1e-5)
+    assert abs(a["val_curve"][-1][1] - a["val_curve"][0][1]) > 1e-3     # training moved the loss (the test can fail)
+    assert (a["best_step"], a["steps_run"], a["trainable_params"]) == (b["best_step"], b["steps_run"], b["trainable_params"])
+    assert a["rouge"]["ids"] == b["rouge"]["ids"]
+
+
+def test_bakeoff_command_needs_the_runs_analyses(tmp_path, capsys):
+    "`summcircuit bakeoff` on a run without its differential analysis stops with the fix, before any training."
+    from summcircuit.pipeline import main
+    assert main(["bakeoff", "--config", "smoke", "--runs-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "differential analysis" in err and "targeted_layers" in err
+    assert not (tmp_path / "smoke" / "peft").exists()
