@@ -18,6 +18,7 @@ from .attribute import Attribution, attribute
 from .core import load_json, load_tensors, save_json, save_tensors
 from .corrupt import pair_batches
 from .data import Batch, logits_window
+from .evaluate import bootstrap
 from .graph import CorruptedRun, Graph, check_scores, run_with_patched_edges, top_n_mask
 from .metrics import get_metric, needs_clean
 from .models import LoadedModel
@@ -163,8 +164,7 @@ def faithfulness_interval(per_pair: Sequence[float], base: Baselines, confidence
     data = tuple(np.asarray(x, dtype=float) for x in (per_pair, base.full_per_pair, base.empty_per_pair))
     if len(data[0]) < 2 or not len(data[0]) == len(data[1]) == len(data[2]): return (float("nan"), float("nan"))
     ratio = lambda c, f, e, axis: (c.mean(axis) - e.mean(axis)) / (f.mean(axis) - e.mean(axis))
-    res = stats.bootstrap(data, ratio, paired=True, vectorized=True, n_resamples=n_resamples, confidence_level=confidence,
-                          method="percentile", rng=np.random.default_rng(seed))
+    res = bootstrap(data, ratio, confidence, n_resamples, seed, unit="pairs")
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 # %% ../nbs/08_circuits.ipynb #9b7bd173

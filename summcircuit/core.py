@@ -15,8 +15,8 @@ import torch
 # %% auto #0
 __all__ = ['FULL_HASH_LIMIT', 'SAMPLE_BYTES', 'FINISHED', 'resolve_device', 'seed_everything', 'cache_dir', 'run_dir',
            'atomic_path', 'atomic_write', 'save_json', 'load_json', 'save_tensors', 'load_tensors', 'content_hash',
-           'file_fingerprint', 'fingerprint_problem', 'RecordedJob', 'recorded_jobs', 'FolderLocked', 'folder_lock',
-           'hub_reachable', 'hub_offline']
+           'load_keyed', 'file_fingerprint', 'fingerprint_problem', 'RecordedJob', 'recorded_jobs', 'FolderLocked',
+           'folder_lock', 'hub_reachable', 'hub_offline']
 
 # %% ../nbs/00_core.ipynb #e662495f
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -123,6 +123,18 @@ def content_hash(*objs: Any, length: int = 16) -> str:
     "A short, stable hex key for JSON-able objects (dict key order does not matter)."
     payload = json.dumps(_to_jsonable(list(objs)), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()[:length]
+
+# %% ../nbs/00_core.ipynb #490071bd
+def load_keyed(path: str | Path, key: str, what: str, fix: str) -> Any | None:
+    """The JSON saved at `path` with `"key": key`; None when there is none. One saved with another key is refused:
+    a `ValueError` saying that `path` holds `what` made with other parameters, and `fix`."""
+    path = Path(path)
+    if not path.exists(): return None
+    saved = load_json(path)
+    if not isinstance(saved, dict) or saved.get("key") != key:
+        raise ValueError(f"{path} holds {what} made with other parameters (model, configuration, documents or seed). "
+                         f"Nothing was changed: {fix}.")
+    return saved
 
 # %% ../nbs/00_core.ipynb #0eb2f18c
 FULL_HASH_LIMIT = 50 * 2**20            # files up to this size are hashed whole

@@ -12,11 +12,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import stats
 from tqdm.auto import tqdm
 
 from .core import atomic_path, load_tensors, save_tensors
 from .data import Batch, Prompt, build_prompt, collate, load_examples, logits_window
+from .evaluate import bootstrap
 from .metrics import check_finite_metric, get_metric
 from .models import LoadedModel, check_finite_weights, load_model
 
@@ -222,11 +222,9 @@ def bootstrap_share_below_zero(deltas: torch.Tensor, confidence: float = 0.95, n
                                seed: int = 0) -> tuple[float, float, float]:
     "Share of columns whose mean over rows (examples) is < 0, with a percentile bootstrap CI over rows."
     d = deltas.double().cpu().numpy()
-    if d.shape[0] < 2: raise ValueError(f"A bootstrap over examples needs at least 2 examples, got {d.shape[0]}.")
     def share(idx, axis=-1):
         return (d[idx.astype(int)].mean(axis=-2) < 0).mean(axis=-1)
-    res = stats.bootstrap((np.arange(d.shape[0]),), share, n_resamples=n_resamples, vectorized=True,
-                          confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
+    res = bootstrap((np.arange(d.shape[0]),), share, confidence, n_resamples, seed, unit="examples")
     return float(share(np.arange(d.shape[0]))), float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 # %% ../nbs/05_diff.ipynb #cdb7c7b7

@@ -18,8 +18,8 @@ from .models import LoadedModel, check_finite_weights
 
 # %% auto #0
 __all__ = ['ROUGE_METRICS', 'left_pad', 'stop_token_ids', 'clean_summary', 'FirstLineStop', 'generate_summaries', 'rouge_scores',
-           'Interval', 'bootstrap_ci', 'paired_difference_ci', 'RougeResult', 'score_predictions', 'evaluate_rouge',
-           'rouge_artifact_name', 'lead_summaries', 'rouge_table', 'format_rouge_table', 'plot_rouge']
+           'Interval', 'bootstrap', 'bootstrap_ci', 'paired_difference_ci', 'RougeResult', 'score_predictions',
+           'evaluate_rouge', 'rouge_artifact_name', 'lead_summaries', 'rouge_table', 'format_rouge_table', 'plot_rouge']
 
 # %% ../nbs/03b_evaluate.ipynb #8e6f0992
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,10 +100,12 @@ class Interval:
     def __str__(self) -> str: return f"{self.estimate:.4f} [{self.low:.4f}, {self.high:.4f}]"
     def excludes_zero(self) -> bool: return self.low > 0 or self.high < 0
 
-def _bootstrap(data: tuple[np.ndarray, ...], statistic, confidence: float, n_resamples: int, seed: int,
-               method: str):
+def bootstrap(data: tuple[np.ndarray, ...], statistic, confidence: float = 0.95, n_resamples: int = 10_000,
+              seed: int = 0, method: str = "percentile", unit: str = "documents"):
+    """`scipy.stats.bootstrap` as every interval of this project takes it: the samples in `data` resampled jointly
+    (paired), a vectorized `statistic(*samples, axis)`, a seeded generator; a clear error below 2 `unit`s."""
     n = len(data[0])
-    if n < 2: raise ValueError(f"A bootstrap needs at least 2 documents, got {n}: evaluate on more documents.")
+    if n < 2: raise ValueError(f"A bootstrap needs at least 2 {unit}, got {n}: use more {unit}.")
     return stats.bootstrap(data, statistic, n_resamples=n_resamples, paired=True, vectorized=True,
                            confidence_level=confidence, method=method, rng=np.random.default_rng(seed))
 
@@ -111,7 +113,7 @@ def bootstrap_ci(scores: Sequence[float], confidence: float = 0.95, n_resamples:
                  method: str = "percentile") -> Interval:
     "Mean of `scores` with a bootstrap confidence interval over documents."
     x = np.asarray(scores, dtype=float)
-    res = _bootstrap((x,), lambda a, axis: a.mean(axis), confidence, n_resamples, seed, method)
+    res = bootstrap((x,), lambda a, axis: a.mean(axis), confidence, n_resamples, seed, method)
     return Interval(float(x.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high), confidence)
 
 def paired_difference_ci(a: Sequence[float], b: Sequence[float], confidence: float = 0.95, n_resamples: int = 10_000,
@@ -120,7 +122,7 @@ def paired_difference_ci(a: Sequence[float], b: Sequence[float], confidence: flo
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.shape != b.shape:
         raise ValueError(f"Paired scores need the same documents: got {a.shape} and {b.shape} scores.")
-    res = _bootstrap((a, b), lambda x, y, axis: x.mean(axis) - y.mean(axis), confidence, n_resamples, seed, method)
+    res = bootstrap((a, b), lambda x, y, axis: x.mean(axis) - y.mean(axis), confidence, n_resamples, seed, method)
     return Interval(float(a.mean() - b.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high),
                     confidence, float((res.bootstrap_distribution <= 0).mean()))
 

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from .core import content_hash, load_json, run_dir, save_json, seed_everything
+from .core import content_hash, load_json, load_keyed, run_dir, save_json, seed_everything
 from .data import Prompt, SummaryExample, build_prompt, collate, load_examples
 from .models import WEIGHT_FILES, ArchSpec, LoadedModel, load_model
 
@@ -246,11 +246,10 @@ def finetune(lm: LoadedModel, train_examples: Sequence[SummaryExample], val_exam
     index = folder / INDEX_NAME
     resume, fresh = None, not index.exists()     # read once: under data parallelism another process writes it
     if not fresh:
-        old = load_json(folder / PARAMS_NAME) if (folder / PARAMS_NAME).exists() else {}
-        if old.get("key") != key:
-            raise ValueError(f"{folder} holds a fine-tuning run made with other parameters (model, configuration, "
-                             f"documents or seed). Nothing was changed: pass another run name / folder, or delete "
-                             f"{folder} to start over.")
+        fix = f"pass another run name / folder, or delete {folder} to start over"
+        if load_keyed(folder / PARAMS_NAME, key, "a fine-tuning run", fix) is None:
+            raise ValueError(f"{folder} holds a fine-tuning run without its {PARAMS_NAME} (made with other parameters?). "
+                             f"Nothing was changed: {fix}.")
         done = load_checkpoints(folder)
         if done[-1].step >= max_steps:
             return FinetuneRun(folder, done, _log_history(folder, done[-1]))

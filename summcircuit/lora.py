@@ -15,7 +15,7 @@ from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 from transformers import PrinterCallback, Trainer, TrainerCallback
 
-from .core import content_hash, load_json, recorded_jobs, run_dir, save_json, seed_everything
+from .core import content_hash, load_json, load_keyed, recorded_jobs, run_dir, save_json, seed_everything
 from .data import SummaryExample, load_examples
 from .evaluate import ROUGE_METRICS, RougeResult, evaluate_rouge, plot_rouge, rouge_artifact_name, rouge_table
 from .finetune import (PromptDataset, SummaryCollator, TrainingConfig, is_lead_process, process_device,
@@ -294,12 +294,7 @@ def result_key(model: str, variant: Variant | None, cfg: TrainingConfig, seed: i
 
 def _load_result(path: Path, key: str) -> dict | None:
     "A saved result if it was made with the same parameters; None if there is none; refuse one made otherwise."
-    if not path.exists(): return None
-    saved = load_json(path)
-    if saved.get("key") != key:
-        raise ValueError(f"{path} holds a bake-off result made with other parameters (model, configuration, documents "
-                         f"or seed). Nothing was changed: use another run folder, or delete {path} to recompute it.")
-    return saved
+    return load_keyed(path, key, "a bake-off result", f"use another run folder, or delete {path} to recompute it")
 
 def run_variant(model: str, variant: Variant, train_examples, val_examples, test_examples, cfg: TrainingConfig,
                 seed: int = 0, device: str = "cpu", progress: bool = True) -> dict:

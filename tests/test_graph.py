@@ -255,3 +255,27 @@ def test_clean_run_gives_the_same_logits(lm):
         half = torch.rand(g.shape, generator=torch.Generator().manual_seed(5)) < 0.5
         torch.testing.assert_close(run_with_patched_edges(lm, b, corr, half, g, clean_run=clean_run)[keep],
                                    run_with_patched_edges(lm, b, corr, half, g)[keep], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_device_map_load_patches_and_attributes_alike(name):
+    """`load_model(device_map=...)` (accelerate's placement; here every module on the CPU, the one device these
+    machines have) gives the node outputs, patched runs and EAP-IG scores of a model loaded on a device."""
+    from summcircuit.attribute import attribute
+    from summcircuit.models import load_model
+    plain = load_model(name, device="cpu")
+    layers = "transformer.h" if name == "tiny-gpt2" else "model.layers"
+    per_layer = {f"{layers}.{l}": "cpu" for l in range(plain.spec.n_layers)}
+    for device_map in ("auto", {"": "cpu"}, per_layer | {"": "cpu"}):
+        mapped = load_model(name, device_map=device_map)
+        b = padded_batch(plain); corr = corrupted_copy(b, 0, 30)
+        keep = b.attention_mask.bool()
+        torch.testing.assert_close(node_outputs(mapped, b), node_outputs(plain, b), atol=1e-6, rtol=0)
+        g = Graph(plain.spec)
+        mask = torch.rand(g.shape, generator=torch.Generator().manual_seed(1)) < 0.3
+        torch.testing.assert_close(run_with_patched_edges(mapped, b, corr, mask, g)[keep],
+                                   run_with_patched_edges(plain, b, corr, mask, g)[keep], atol=1e-5, rtol=0)
+        for stream in (False, True):
+            a = attribute(mapped, [(b, corr)], "eap-ig", ig_steps=2, progress=False, stream_scores=stream)
+            torch.testing.assert_close(a.scores, attribute(plain, [(b, corr)], "eap-ig", ig_steps=2, progress=False).scores,
+                                       atol=1e-5, rtol=1e-4)
