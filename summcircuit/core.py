@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #580c907e
 from __future__ import annotations
-import dataclasses, hashlib, json, os, random, shutil, tempfile
+import dataclasses, hashlib, importlib.util, json, os, random, shutil, tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -14,9 +14,9 @@ import torch
 
 # %% auto #0
 __all__ = ['FULL_HASH_LIMIT', 'SAMPLE_BYTES', 'FINISHED', 'resolve_device', 'seed_everything', 'cache_dir', 'run_dir',
-           'atomic_path', 'atomic_write', 'save_json', 'load_json', 'save_tensors', 'load_tensors', 'content_hash',
-           'load_keyed', 'file_fingerprint', 'fingerprint_problem', 'RecordedJob', 'recorded_jobs', 'FolderLocked',
-           'folder_lock', 'hub_reachable', 'hub_offline']
+           'project_root', 'runs_root', 'atomic_path', 'atomic_write', 'save_json', 'load_json', 'save_tensors',
+           'load_tensors', 'content_hash', 'load_keyed', 'file_fingerprint', 'fingerprint_problem', 'RecordedJob',
+           'recorded_jobs', 'FolderLocked', 'folder_lock', 'hub_reachable', 'hub_offline']
 
 # %% ../nbs/00_core.ipynb #e662495f
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -52,6 +52,20 @@ def run_dir(name: str, root: str | Path | None = None) -> Path:
     path = root / name
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+# %% ../nbs/00_core.ipynb #7fa67431
+def project_root(start: str | Path | None = None) -> Path:
+    "The repository folder holding `nbs/` and `settings.ini`: `start` (default: the current folder) or a parent, else the package's."
+    start = Path(start or Path.cwd()).resolve()
+    package = Path(importlib.util.find_spec("summcircuit").origin).resolve().parent
+    for folder in [start, *start.parents, package.parent]:
+        if (folder / "nbs").is_dir() and (folder / "settings.ini").exists(): return folder
+    raise FileNotFoundError(f"No summcircuit repository (a folder with nbs/ and settings.ini) at or above {start}: "
+                            "run the command from a clone of the repository.")
+
+def runs_root(root: str | Path | None = None) -> Path:
+    "The folder that holds the runs: `root`, else `$SUMMCIRCUIT_RUNS`, else `./runs` (made absolute)."
+    return Path(root or os.environ.get("SUMMCIRCUIT_RUNS", "runs")).resolve()
 
 # %% ../nbs/00_core.ipynb #4df3b858
 @contextmanager

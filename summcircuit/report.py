@@ -13,8 +13,7 @@ import nbformat
 import pandas as pd
 import yaml
 
-from .core import RecordedJob, atomic_write, load_json, recorded_jobs, save_json
-from .pipeline import project_root
+from .core import RecordedJob, atomic_write, load_json, project_root, recorded_jobs, save_json
 
 # %% auto #0
 __all__ = ['QUESTIONS', 'SITE_TEMPLATE', 'SITE_CSS', 'SITE_MARKER', 'Run', 'load_run', 'checkpoint_table', 'stage_jobs',

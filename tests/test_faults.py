@@ -11,7 +11,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 import test_pipeline as tp  # noqa: E402
 
 from summcircuit.core import load_json, save_json
-from summcircuit.pipeline import STAGES, load_config, main, project_root, stage_named, stage_parameters, write_stage_notebook
+from summcircuit.cli import main
+from summcircuit.core import project_root
+from summcircuit.pipeline import STAGES, load_config, stage_named, stage_parameters, write_stage_notebook
 
 ROOT = project_root(Path(__file__).parent)
 BOOKKEEPING = {"pipeline.json", "config.json", ".lock"}

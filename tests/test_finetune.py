@@ -174,7 +174,8 @@ def test_summcircuit_finetune_under_torchrun_is_what_the_stage_then_finds(tmp_pa
     and trains nothing: every checkpoint file is left as it was."""
     import socket, subprocess
     from summcircuit.finetune import finetune_stage
-    from summcircuit.pipeline import STAGES, load_config, project_root, stage_parameters
+    from summcircuit.core import project_root
+    from summcircuit.pipeline import STAGES, load_config, stage_parameters
     env = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",

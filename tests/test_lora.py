@@ -170,7 +170,7 @@ def test_bakeoff_under_two_gloo_processes_matches_one_process(tmp_path):
 
 def test_bakeoff_command_needs_the_runs_analyses(tmp_path, capsys):
     "`summcircuit bakeoff` on a run without its differential analysis stops with the fix, before any training."
-    from summcircuit.pipeline import main
+    from summcircuit.cli import main
     assert main(["bakeoff", "--config", "smoke", "--runs-root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "differential analysis" in err and "targeted_layers" in err

@@ -12,7 +12,8 @@ import nbformat
 import pytest
 
 from summcircuit.core import load_json
-from summcircuit.pipeline import (STAGES, job_key, load_config, main, notebook_parameters, write_stage_notebook)
+from summcircuit.cli import main
+from summcircuit.pipeline import (STAGES, job_key, load_config, notebook_parameters, write_stage_notebook)
 
 COMMON = "run_name = None\nmodel = 'm'\ndataset = 'd'\naspect = 'outcome'\ndevice = 'cpu'\nseed = 0\n"
 PRELUDE = """import json, os
@@ -213,7 +214,7 @@ def test_keys_depend_on_parameters_upstream_and_notebook_source_but_not_outputs(
 
 def test_the_real_stage_notebooks_take_the_parameters_the_configurations_set():
     "Every stage of both configurations exists in nbs/ with a parameters cell declaring what the configuration sets."
-    from summcircuit.pipeline import project_root
+    from summcircuit.core import project_root
     root = project_root(Path(__file__).parent)
     for name in ("default", "smoke"):
         cfg = load_config(name, configs_dir=root / "configs")

@@ -12,7 +12,9 @@ import nbformat
 import pytest
 
 from summcircuit.core import load_json
-from summcircuit.pipeline import STAGES, main, notebook_parameters, project_root
+from summcircuit.cli import main
+from summcircuit.core import project_root
+from summcircuit.pipeline import STAGES, notebook_parameters
 from summcircuit.report import front_matter, load_run, render_report, run_figures, site_pages
 
 ROOT = project_root(Path(__file__).parent)
