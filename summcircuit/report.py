@@ -4,8 +4,8 @@
 
 # %% ../nbs/11_report.ipynb #ff9ab194
 from __future__ import annotations
-import base64, copy, glob, html, importlib, inspect, io, os, re, shutil, subprocess, time
-from dataclasses import dataclass, field
+import base64, copy, glob, html, importlib, inspect, io, os, re, shutil, time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -13,17 +13,16 @@ import nbformat
 import pandas as pd
 import yaml
 
-from .core import RecordedJob, atomic_write, load_json, project_root, recorded_jobs, save_json
+from .core import RecordedJob, load_json, project_root, recorded_jobs, save_json
+from .site import front_matter, relative_href, render_offline, render_with_quarto
 
 # %% auto #0
-__all__ = ['QUESTIONS', 'SITE_TEMPLATE', 'SITE_CSS', 'SITE_MARKER', 'Run', 'load_run', 'checkpoint_table', 'stage_jobs',
-           'unfinished', 'final_diff', 'diff_results', 'entropy_share', 'causal_rows', 'circuit_results', 'run_spec',
-           'circuit_evolution', 'circuit_viewers', 'find_key', 'new_page', 'add_markdown', 'add_outputs', 'png_output',
-           'table_output', 'figure_png', 'front_matter', 'clean_notebook', 'setup_findings', 'headline_findings',
-           'stage_list', 'home_page', 'evolution_figures', 'evolution_page', 'bakeoff_page', 'run_figures',
-           'figures_page', 'compare_page', 'api_summary', 'api_page', 'stage_site', 'relink_pages', 'NavItem',
-           'site_navigation', 'site_pages', 'math_to_mathml', 'render_offline', 'render_with_quarto',
-           'check_site_folder', 'render_report']
+__all__ = ['QUESTIONS', 'SITE_MARKER', 'Run', 'load_run', 'checkpoint_table', 'stage_jobs', 'unfinished', 'final_diff',
+           'diff_results', 'entropy_share', 'causal_rows', 'circuit_results', 'run_spec', 'circuit_evolution',
+           'circuit_viewers', 'find_key', 'new_page', 'add_markdown', 'add_outputs', 'png_output', 'table_output',
+           'figure_png', 'clean_notebook', 'setup_findings', 'headline_findings', 'stage_list', 'home_page',
+           'evolution_figures', 'evolution_page', 'bakeoff_page', 'run_figures', 'figures_page', 'compare_page',
+           'api_summary', 'api_page', 'stage_site', 'relink_pages', 'check_site_folder', 'render_report']
 
 # %% ../nbs/11_report.ipynb #eec5425c
 @dataclass
@@ -196,12 +195,6 @@ def figure_png(fig) -> bytes:
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
-
-def front_matter(nb: nbformat.NotebookNode) -> dict:
-    "The YAML front matter of a page (its first raw cell), or {}."
-    if nb.cells and nb.cells[0].cell_type == "raw" and nb.cells[0].source.startswith("---"):
-        return yaml.safe_load(nb.cells[0].source.strip().strip("-")) or {}
-    return {}
 
 # %% ../nbs/11_report.ipynb #30e882fc
 _NBDEV_DIRECTIVE = re.compile(r"^#\|\s*(export|exporti|exports|default_exp|hide|eval|filter_stream|code-fold|echo|output)\b.*$\n?", re.M)
@@ -632,200 +625,11 @@ def relink_pages(folder: str | Path) -> None:
             if target in pages: return m.group(0)
             changed = True
             api = f"api/{Path(m.group(1)).name}"
-            if api in pages: return f"]({_rel(api, rel)}{m.group(2) or ''})"
+            if api in pages: return f"]({relative_href(api, rel)}{m.group(2) or ''})"
             return "]"+ "(#)"
         for cell in nb.cells:
             if cell.cell_type == "markdown": cell.source = _NB_LINK.sub(fix, cell.source)
         if changed: nbformat.write(nb, str(path))
-
-# %% ../nbs/11_report.ipynb #a770e878
-@dataclass
-class NavItem:
-    "An entry of the sidebar: a page (href to its .ipynb) or a section with children."
-    text: str
-    href: str | None = None
-    children: list["NavItem"] = field(default_factory=list)
-
-def _page_meta(path: Path) -> dict:
-    return front_matter(nbformat.read(str(path), as_version=4)) if path.suffix == ".ipynb" and path.exists() else {}
-
-def _expand(entry: Any, folder: Path) -> list[NavItem]:
-    "Sidebar entries for one `_quarto.yml` entry."
-    if isinstance(entry, str):
-        if any(ch in entry for ch in "*?["):
-            paths = [Path(p) for p in glob.glob(str(folder / entry))]
-            paths = [p if p.suffix else p.with_suffix(".ipynb") for p in paths if p.suffix in (".ipynb", "")]
-            metas = {p: _page_meta(p) for p in paths}
-            paths.sort(key=lambda p: (metas[p].get("order", 10**6), p.name))
-            return [NavItem(metas[p].get("title", p.stem), str(p.relative_to(folder))) for p in paths]
-        return [NavItem(_page_meta(folder / entry).get("title", Path(entry).stem), entry)]
-    if "section" in entry:
-        contents = entry.get("contents", [])
-        children = [c for e in ([contents] if isinstance(contents, str) else contents) for c in _expand(e, folder)]
-        return [NavItem(entry["section"], entry.get("href"), children)]
-    href = entry.get("href")
-    return [NavItem(entry.get("text") or _page_meta(folder / href).get("title", Path(href).stem), href)]
-
-def site_navigation(folder: str | Path) -> tuple[str, list[NavItem], list[NavItem]]:
-    "The site title, the navbar items and the sidebar tree of the staged project in `folder`."
-    folder = Path(folder)
-    site = (yaml.safe_load((folder / "_quarto.yml").read_text()) or {}).get("website", {})
-    navbar = [i for e in (site.get("navbar", {}) or {}).get("left", []) for i in _expand(e, folder)]
-    sidebar_cfg = site.get("sidebar", {}) or {}
-    if isinstance(sidebar_cfg, list): sidebar_cfg = sidebar_cfg[0]
-    sidebar = [i for e in sidebar_cfg.get("contents", []) for i in _expand(e, folder)]
-    return site.get("title", "summcircuit"), navbar, sidebar
-
-def site_pages(folder: str | Path) -> list[Path]:
-    "The notebooks `project.render` of the staged `_quarto.yml` names, relative to `folder`."
-    folder = Path(folder)
-    project = (yaml.safe_load((folder / "_quarto.yml").read_text()) or {}).get("project", {})
-    pats = project.get("render") or ["**/*.ipynb"]
-    found = {Path(p).relative_to(folder) for pat in pats for p in glob.glob(str(folder / pat), recursive=True)}
-    return sorted(p for p in found if p.suffix == ".ipynb" and not p.name.startswith("_"))
-
-# %% ../nbs/11_report.ipynb #6ceaa5ae
-SITE_TEMPLATE = r"""{%- extends 'lab/index.html.j2' -%}
-{%- block html_head_js -%}{%- endblock html_head_js -%}
-{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
-{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
-{%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
-{%- block body_header -%}
-<body class="jp-Notebook" data-jp-theme-light="true" data-jp-theme-name="JupyterLab Light">
-<header id="site-header"></header>
-<div id="site-layout"><nav id="site-sidebar"></nav><main id="site-main"><div id="page-title"></div>
-{%- endblock body_header -%}
-{%- block body_footer -%}
-</main></div>
-</body>
-{%- endblock body_footer -%}
-"""
-
-SITE_CSS = """
-body { margin: 0; font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
-#site-header { background: #2780e3; color: white; padding: 0.6rem 1.2rem; display: flex; gap: 1.4rem; align-items: baseline; }
-#site-header a { color: white; text-decoration: none; }
-#site-header .site-title { font-weight: 600; font-size: 1.15rem; }
-#site-layout { display: flex; align-items: flex-start; }
-#site-sidebar { width: 16rem; flex: none; padding: 1rem; font-size: 0.9rem; position: sticky; top: 0;
-  max-height: 100vh; overflow-y: auto; box-sizing: border-box; border-right: 1px solid #e5e5e5; }
-#site-sidebar ul { list-style: none; padding-left: 0.8rem; margin: 0.2rem 0; }
-#site-sidebar > ul { padding-left: 0; }
-#site-sidebar a { color: #333; text-decoration: none; }
-#site-sidebar a.active { color: #2780e3; font-weight: 600; }
-#site-sidebar .section { font-weight: 600; margin-top: 0.6rem; color: #555; }
-#site-main { flex: 1; min-width: 0; padding: 1rem 2rem 3rem; max-width: 72rem; }
-#page-title h1 { margin-bottom: 0.2rem; }
-#page-title .description { color: #666; margin-top: 0; }
-details.code-fold > summary { cursor: pointer; color: #666; font-size: 0.85rem; }
-img.figure, .jp-OutputArea-output img { max-width: 100%; height: auto; }
-.compare-row { display: flex; gap: 1.5rem; flex-wrap: wrap; align-items: flex-start; }
-.compare-column { flex: 1; min-width: 18rem; }
-table.dataframe { border-collapse: collapse; font-size: 0.85rem; }
-table.dataframe td, table.dataframe th { padding: 0.2rem 0.5rem; border-bottom: 1px solid #ddd; text-align: right; }
-"""
-
-def _rel(target: str, page: str) -> str:
-    "`target` (a site path) relative to the folder of `page`."
-    return os.path.relpath(target, os.path.dirname(page) or ".").replace(os.sep, "/")
-
-def _html_name(path: str) -> str: return re.sub(r"\.(ipynb|qmd|md)$", ".html", path)
-
-def _nav_html(items: list[NavItem], page: str) -> str:
-    out = ["<ul>"]
-    for it in items:
-        if it.children:
-            out.append(f'<li><div class="section">{html.escape(it.text)}</div>{_nav_html(it.children, page)}</li>')
-        elif it.href:
-            target = _html_name(it.href)
-            active = ' class="active"' if target == _html_name(page) else ""
-            out.append(f'<li><a href="{_rel(target, page)}"{active}>{html.escape(it.text)}</a></li>')
-    out.append("</ul>")
-    return "".join(out)
-
-_MATH = re.compile(r"\$\$(.+?)\$\$|(?<![\\$\w])\$(?!\s)([^$\n]+?)(?<!\s)\$(?![\w$])", re.S)
-
-def math_to_mathml(text: str) -> str | None:
-    "`text` with `$$…$$` and `$…$` replaced by MathML (None when there is no math or `latex2mathml` is missing)."
-    if "$" not in text: return None
-    try: from latex2mathml.converter import convert
-    except ImportError: return None
-    def sub(m):
-        tex, display = (m.group(1), True) if m.group(1) is not None else (m.group(2), False)
-        try: return convert(tex.strip(), display="block" if display else "inline")
-        except Exception: return html.escape(m.group(0))
-    out, n = _MATH.subn(sub, html.escape(text, quote=False))
-    return out if n else None
-
-def _postprocess(doc: str, page: str, title: str, description: str, site_title: str, navbar: list[NavItem],
-                 sidebar: list[NavItem], pages: set[str]) -> str:
-    from bs4 import BeautifulSoup, NavigableString
-    soup = BeautifulSoup(doc, "html.parser")
-    header = soup.find(id="site-header")
-    links = "".join(f'<a href="{_rel(_html_name(i.href), page)}">{html.escape(i.text)}</a>' for i in navbar if i.href)
-    header.append(BeautifulSoup(f'<a class="site-title" href="{_rel("index.html", page)}">{html.escape(site_title)}</a>{links}',
-                                "html.parser"))
-    soup.find(id="site-sidebar").append(BeautifulSoup(_nav_html(sidebar, page), "html.parser"))
-    soup.find(id="page-title").append(BeautifulSoup(f"<h1>{html.escape(title)}</h1>" + (
-        f'<p class="description">{html.escape(description)}</p>' if description else ""), "html.parser"))
-    if soup.title is not None: soup.title.string = f"{title} – {site_title}"
-    for a in soup.find_all("a", href=True):                        # links to notebooks -> their pages
-        href = a["href"]
-        if re.match(r"^[a-z]+:", href) or href.startswith("#"): continue
-        base, _, frag = href.partition("#")
-        if base.endswith(".ipynb"):
-            target = os.path.normpath(os.path.join(os.path.dirname(page), base)).replace(os.sep, "/")
-            if target in pages: a["href"] = _html_name(base) + (f"#{frag}" if frag else "")
-    for cell in soup.select("div.jp-CodeCell"):                     # fold code; drop cells that only hold options
-        inp = cell.select_one("div.jp-Cell-inputWrapper")
-        if inp is None: continue
-        code = inp.get_text().strip()
-        if re.fullmatch(r"(#\|[^\n]*\s*)*", code): inp.decompose(); continue
-        det = soup.new_tag("details", attrs={"class": "code-fold"})
-        summ = soup.new_tag("summary"); summ.string = "Code"
-        inp.wrap(det); det.insert(0, summ)
-    for s in list(soup.find_all(string=True)):                      # TeX -> MathML outside code
-        if not isinstance(s, NavigableString) or s.find_parent(["code", "pre", "script", "style", "title"]): continue
-        if (converted := math_to_mathml(str(s))) is not None:
-            s.replace_with(BeautifulSoup(converted, "html.parser"))
-    return str(soup)
-
-# %% ../nbs/11_report.ipynb #3ddfbbcc
-def render_offline(folder: str | Path, out: str | Path) -> Path:
-    "Render the staged project in `folder` into `out` with nbconvert (no network needed to build or to view)."
-    from jinja2 import DictLoader
-    from nbconvert import HTMLExporter
-    folder, out = Path(folder), Path(out)
-    site_title, navbar, sidebar = site_navigation(folder)
-    pages = site_pages(folder)
-    names = {str(p).replace(os.sep, "/") for p in pages}
-    exporter = HTMLExporter(template_name="lab", extra_loaders=[DictLoader({"site.html.j2": SITE_TEMPLATE})],
-                            template_file="site.html.j2", embed_images=True, exclude_input_prompt=True,
-                            exclude_output_prompt=True)
-    exporter.log.setLevel("ERROR")                                   # figures of the notebooks have no alt text
-    css = SITE_CSS + ((folder / "styles.css").read_text() if (folder / "styles.css").exists() else "")
-    out.mkdir(parents=True, exist_ok=True)
-    for rel in pages:
-        page = str(rel).replace(os.sep, "/")
-        nb = nbformat.read(str(folder / rel), as_version=4)
-        meta = front_matter(nb)
-        if meta: nb.cells = nb.cells[1:]
-        title = str(meta.get("title", rel.stem))
-        nb.metadata["title"] = title
-        body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title, "path": str((folder / rel).parent)}})
-        body = body.replace("</head>", f'<style type="text/css">{css}</style>\n</head>', 1)
-        doc = _postprocess(body, page, title, str(meta.get("description", "")), site_title, navbar, sidebar, names)
-        target = out / _html_name(page)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(target, doc)
-    if (folder / "viewer").is_dir(): shutil.copytree(folder / "viewer", out / "viewer", dirs_exist_ok=True)
-    return out
-
-def render_with_quarto(folder: str | Path, out: str | Path) -> Path:
-    "Render the staged project with Quarto (`quarto render`), into `out`."
-    out = Path(out).resolve()
-    subprocess.run(["quarto", "render", str(folder), "--output-dir", str(out)], check=True)
-    return out
 
 # %% ../nbs/11_report.ipynb #a5adf977
 SITE_MARKER = ".summcircuit-site"           # written into every site this renders: the only folders it will replace

@@ -15,7 +15,8 @@ from summcircuit.core import load_json
 from summcircuit.cli import main
 from summcircuit.core import project_root
 from summcircuit.pipeline import STAGES, notebook_parameters
-from summcircuit.report import front_matter, load_run, render_report, run_figures, site_pages
+from summcircuit.report import load_run, render_report, run_figures
+from summcircuit.site import front_matter, site_pages
 
 ROOT = project_root(Path(__file__).parent)
 ARTIFACTS = ROOT / "test-artifacts"
