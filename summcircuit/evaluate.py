@@ -13,6 +13,7 @@ from scipy import stats
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
+from .core import content_hash
 from .data import SummaryExample, build_prompt
 from .models import LoadedModel, check_finite_weights
 
@@ -156,7 +157,6 @@ def evaluate_rouge(lm: LoadedModel, examples: Sequence[SummaryExample], max_sour
 
 def rouge_artifact_name(step: int, examples: Sequence[SummaryExample], max_source_tokens: int, max_new_tokens: int) -> str:
     "File name of a checkpoint's saved `RougeResult`: the step and a hash of the documents and generation settings."
-    from summcircuit.core import content_hash
     return f"rouge_step{step}_{content_hash([e.id for e in examples], max_source_tokens, max_new_tokens)}.json"
 
 def lead_summaries(examples: Sequence[SummaryExample], k: int = 1) -> list[str]:

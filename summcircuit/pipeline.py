@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import nbformat
 import torch
 import yaml
 
@@ -127,7 +128,6 @@ def load_config(name_or_path: str | Path, overrides: Sequence[str] = (), run_nam
 # %% ../nbs/10_pipeline.ipynb #54a024c0
 def notebook_parameters(path: str | Path) -> dict[str, Any] | None:
     "Names and default values of a notebook's papermill parameters (its cell tagged `parameters`); None without one."
-    import nbformat
     nb = nbformat.read(str(path), as_version=4)
     for cell in nb.cells:
         if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []):
@@ -143,7 +143,6 @@ def notebook_parameters(path: str | Path) -> dict[str, Any] | None:
 
 def notebook_parameter_types(path: str | Path) -> dict[str, str | None]:
     "Each parameter's declared type: its annotation's text (`max_steps: int | None = None`), `literal` when only a literal default says it, None when nothing does."
-    import nbformat
     nb = nbformat.read(str(path), as_version=4)
     out: dict[str, str | None] = {}
     for cell in nb.cells:
@@ -188,7 +187,6 @@ def check_parameter(key: str, value: Any, default: Any, declared: str | None = "
 
 def notebook_text(path: str | Path) -> str:
     "The source of a notebook's cells (not outputs or metadata): what its cache key depends on."
-    import nbformat
     nb = nbformat.read(str(path), as_version=4)
     return "\n".join(f"# {c.cell_type}\n{c.source}" for c in nb.cells)
 
@@ -500,7 +498,6 @@ DEMO_TAG = "demo"
 
 def stage_input(notebook: str | Path, folder: str | Path) -> Path:
     "The notebook a stage executes: `notebook` without its cells tagged `demo` (written into `folder` if it has any)."
-    import nbformat
     nb = nbformat.read(str(notebook), as_version=4)
     keep = [c for c in nb.cells if DEMO_TAG not in c.metadata.get("tags", [])]
     if len(keep) == len(nb.cells): return Path(notebook)
@@ -726,7 +723,6 @@ def _run_locked(cfg: RunConfig, runs: Path, run_folder: Path, stages: Sequence[S
 # %% ../nbs/10_pipeline.ipynb #4db05ab2
 def write_stage_notebook(path: str | Path, parameters: str, body: str, title: str = "A stage") -> Path:
     "Write a minimal stage notebook (a title, a `parameters` cell, one code cell): for tests and examples."
-    import nbformat
     nb = nbformat.v4.new_notebook()
     params = nbformat.v4.new_code_cell(parameters)
     params.metadata["tags"] = ["parameters"]
