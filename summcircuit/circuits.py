@@ -14,7 +14,7 @@ import torch
 from scipy import stats
 from tqdm.auto import tqdm
 
-from .attribute import Attribution, attribute
+from .attribute import Attribution, attribute, load_attribution
 from .core import load_json, load_tensors, save_json, save_tensors
 from .corrupt import pair_batches
 from .data import Batch, logits_window
@@ -464,7 +464,7 @@ def load_circuit_snapshots(circuits_folder: str | Path, graph: Graph,
         if not (f / "circuit.json").exists(): continue
         c = load_tensors(f / "circuit.safetensors")["circuit"]
         if tuple(c.shape) != graph.shape: raise ValueError(f"{f} holds a circuit of another graph {tuple(c.shape)}, not {graph.shape}.")
-        out.append((load_json(f / "circuit.json")["step"], c, load_tensors(f / "scores.safetensors")["scores"]))
+        out.append((load_json(f / "circuit.json")["step"], c, load_attribution(f, graph.spec).scores))
     if not out: raise FileNotFoundError(f"No circuits under {circuits_folder}: run the circuits stage for each checkpoint first.")
     return sorted(out, key=lambda t: t[0])
 

@@ -16,7 +16,7 @@ import torch
 __all__ = ['FULL_HASH_LIMIT', 'SAMPLE_BYTES', 'FINISHED', 'resolve_device', 'seed_everything', 'cache_dir', 'run_dir',
            'project_root', 'runs_root', 'atomic_path', 'atomic_write', 'save_json', 'load_json', 'save_tensors',
            'load_tensors', 'content_hash', 'load_keyed', 'file_fingerprint', 'fingerprint_problem', 'RecordedJob',
-           'recorded_jobs', 'FolderLocked', 'folder_lock', 'hub_reachable', 'hub_offline']
+           'recorded_jobs', 'Run', 'FolderLocked', 'folder_lock', 'hub_reachable', 'hub_offline']
 
 # %% ../nbs/00_core.ipynb #e662495f
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -225,6 +225,41 @@ def recorded_jobs(run_folder: str | Path, stage: str, finished: bool = False) ->
             if not ok: rj.status, rj.reason = "missing", f"its record {done} is gone or belongs to another run"
         if rj.finished or not finished: out.append(rj)
     return out
+
+# %% ../nbs/00_core.ipynb #fc4babe9
+@dataclasses.dataclass
+class Run:
+    "A run folder that `summcircuit run` made: its configuration and the jobs its `pipeline.json` records."
+    folder: Path
+    config: dict[str, Any]
+    jobs: list[dict[str, Any]]
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Run":
+        "Read the run in `folder` (`runs/<name>`)."
+        folder = Path(folder).resolve()
+        record = folder / "pipeline.json"
+        if not record.exists():
+            raise FileNotFoundError(f"{record} does not exist: {folder} is not a pipeline run. Run `summcircuit run "
+                                    f"--config <name>` first (it writes runs/<name>/).")
+        data = load_json(record)
+        return cls(folder, data.get("config", {}), data.get("jobs", []))
+
+    @property
+    def name(self) -> str: return self.config.get("name") or self.folder.name
+    def path(self, *parts: str) -> Path: return self.folder.joinpath(*parts)
+    def json(self, *parts: str) -> Any:
+        "A JSON artifact of the run, or None if it does not exist."
+        p = self.path(*parts)
+        return load_json(p) if p.exists() else None
+
+    def stage_jobs(self, stage: str, finished: bool = False) -> list[RecordedJob]:
+        "The jobs of `stage` this run records, in pipeline order (`finished`: only those whose results are this run's)."
+        return recorded_jobs(self.folder, stage, finished)
+
+    def executed_jobs(self) -> list[dict[str, Any]]:
+        "Jobs whose executed notebook exists (ran, cached or failed), in pipeline order."
+        return [j for j in self.jobs if j.get("executed") and self.path(j["executed"]).exists()]
 
 # %% ../nbs/00_core.ipynb #4ae49654
 class FolderLocked(RuntimeError):

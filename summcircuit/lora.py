@@ -15,7 +15,7 @@ from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 from transformers import PrinterCallback, Trainer, TrainerCallback
 
-from .core import content_hash, load_json, load_keyed, recorded_jobs, run_dir, save_json, seed_everything
+from .core import Run, content_hash, load_json, load_keyed, run_dir, save_json, seed_everything
 from .data import SummaryExample, load_examples
 from .evaluate import ROUGE_METRICS, RougeResult, evaluate_rouge, plot_rouge, rouge_artifact_name, rouge_table
 from .finetune import (PromptDataset, SummaryCollator, TrainingConfig, is_lead_process, process_device,
@@ -403,7 +403,7 @@ def critical_layers_of_run(run_folder: str | Path) -> list[int]:
     when its `pipeline.json` records the diff job as finished: a failed or stale analysis is never read)."""
     path = Path(run_folder) / "diff" / "results.json"
     if (Path(run_folder) / "pipeline.json").exists():
-        jobs = recorded_jobs(run_folder, "diff")
+        jobs = Run.load(run_folder).stage_jobs("diff")
         if not jobs or not jobs[-1].finished:
             why = f"{jobs[-1].status} ({jobs[-1].reason})" if jobs else "is not recorded"
             raise ValueError(f"The differential analysis of this run {why}: rerun it, or pass the targeted layers "
@@ -418,12 +418,13 @@ def circuit_selection_of_run(run_folder: str | Path, k: int = 3, mode: str = "la
     """The circuit of the run's last analysed checkpoint: its top-`k` layers by score mass, or its heads as (layer, head).
     In a pipeline run, the last of the circuits jobs its `pipeline.json` records (a stale `step-*` folder is never read)."""
     if (Path(run_folder) / "pipeline.json").exists():
-        jobs = recorded_jobs(run_folder, "circuits")
+        jobs = Run.load(run_folder).stage_jobs("circuits")
         if jobs and not jobs[-1].finished:
             raise ValueError(f"The circuits job {jobs[-1].job} of this run {jobs[-1].status} ({jobs[-1].reason}): rerun the "
                              "circuits stage, or pass the circuit yourself (-p circuit ...).")
         folders = [j.folder / "circuit.json" for j in jobs]
-    else: folders = sorted(Path(run_folder).glob("circuits/step-*/circuit.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    else:                                         # notebooks run by hand, no pipeline record: the steps they saved
+        folders = sorted(Path(run_folder).glob("circuits/*/circuit.json"), key=lambda p: load_json(p)["step"])
     if not folders:
         raise FileNotFoundError(f"No circuit under {Path(run_folder) / 'circuits'}: run the circuit stage "
                                 f"(nbs/08_circuits.ipynb) for this run first, or pass the circuit yourself (-p circuit ...).")

@@ -5,7 +5,6 @@
 # %% ../nbs/11_report.ipynb #ff9ab194
 from __future__ import annotations
 import base64, copy, glob, html, importlib, inspect, io, os, re, shutil, time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -13,52 +12,22 @@ import nbformat
 import pandas as pd
 import yaml
 
-from .core import RecordedJob, load_json, project_root, recorded_jobs, save_json
+from .core import Run, load_json, project_root, save_json
 from .site import front_matter, relative_href, render_offline, render_with_quarto
 
 # %% auto #0
-__all__ = ['QUESTIONS', 'SITE_MARKER', 'Run', 'load_run', 'checkpoint_table', 'stage_jobs', 'unfinished', 'final_diff',
-           'diff_results', 'entropy_share', 'causal_rows', 'circuit_results', 'run_spec', 'circuit_evolution',
-           'circuit_viewers', 'find_key', 'new_page', 'add_markdown', 'add_outputs', 'png_output', 'table_output',
-           'figure_png', 'clean_notebook', 'setup_findings', 'headline_findings', 'stage_list', 'home_page',
-           'evolution_figures', 'evolution_page', 'bakeoff_page', 'run_figures', 'figures_page', 'compare_page',
-           'api_summary', 'api_page', 'stage_site', 'relink_pages', 'check_site_folder', 'render_report']
+__all__ = ['QUESTIONS', 'SITE_MARKER', 'run_table', 'checkpoint_table', 'unfinished', 'final_diff', 'diff_results',
+           'entropy_share', 'causal_rows', 'circuit_results', 'run_spec', 'circuit_evolution', 'circuit_viewers',
+           'find_key', 'new_page', 'add_markdown', 'add_outputs', 'png_output', 'table_output', 'figure_png',
+           'clean_notebook', 'setup_findings', 'headline_findings', 'stage_list', 'home_page', 'evolution_figures',
+           'evolution_page', 'bakeoff_page', 'run_figures', 'figures_page', 'compare_page', 'api_summary', 'api_page',
+           'stage_site', 'relink_pages', 'check_site_folder', 'render_report']
 
 # %% ../nbs/11_report.ipynb #eec5425c
-@dataclass
-class Run:
-    "A run folder with its pipeline record."
-    folder: Path
-    config: dict[str, Any]
-    jobs: list[dict[str, Any]]
-
-    @property
-    def name(self) -> str: return self.config.get("name") or self.folder.name
-    def path(self, *parts: str) -> Path: return self.folder.joinpath(*parts)
-
-    def json(self, *parts: str) -> Any:
-        "A JSON artifact of the run, or None if it does not exist."
-        p = self.path(*parts)
-        return load_json(p) if p.exists() else None
-
-    def csv(self, *parts: str, **kw) -> pd.DataFrame | None:
-        "A CSV artifact of the run, or None if it does not exist."
-        p = self.path(*parts)
-        return pd.read_csv(p, **kw) if p.exists() else None
-
-    def executed_jobs(self) -> list[dict[str, Any]]:
-        "Jobs whose executed notebook exists (ran, cached or failed), in pipeline order."
-        return [j for j in self.jobs if j.get("executed") and self.path(j["executed"]).exists()]
-
-def load_run(folder: str | Path) -> Run:
-    "Read the run in `folder` (`runs/<name>`), which `summcircuit run` made."
-    folder = Path(folder).resolve()
-    record = folder / "pipeline.json"
-    if not record.exists():
-        raise FileNotFoundError(f"{record} does not exist: {folder} is not a pipeline run. Run `summcircuit run --config "
-                                f"<name>` first (it writes runs/<name>/), then report runs/<name>.")
-    data = load_json(record)
-    return Run(folder, data.get("config", {}), data.get("jobs", []))
+def run_table(run: Run, *parts: str, **kw) -> pd.DataFrame | None:
+    "A CSV artifact of `run` as a table, or None if it does not exist."
+    p = run.path(*parts)
+    return pd.read_csv(p, **kw) if p.exists() else None
 
 # %% ../nbs/11_report.ipynb #e54eef71
 def checkpoint_table(run: Run) -> pd.DataFrame | None:
@@ -67,18 +36,14 @@ def checkpoint_table(run: Run) -> pd.DataFrame | None:
     if not cks: return None
     return pd.DataFrame([{"step": c["step"], "val_loss": c.get("val_loss")} for c in cks]).sort_values("step")
 
-def stage_jobs(run: Run, stage: str, finished: bool = False) -> list[RecordedJob]:
-    "The jobs of `stage` that the run's `pipeline.json` records (`finished`: only those whose results are this run's)."
-    return recorded_jobs(run.folder, stage, finished)
-
 def unfinished(run: Run, *stages: str) -> list[str]:
     "One line per recorded job of `stages` that did not finish (failed, skipped, results missing), for the pages."
     return [f"{j.title}: {j.status}" + (f" ({j.reason.splitlines()[0][:200]})" if j.reason else "")
-            for s in stages for j in stage_jobs(run, s) if not j.finished]
+            for s in stages for j in run.stage_jobs(s) if not j.finished]
 
 def final_diff(run: Run) -> tuple[dict | None, str]:
     "The base-vs-final differential analysis (the `diff` job) and its status: never a per-checkpoint one in its place."
-    jobs = stage_jobs(run, "diff")
+    jobs = run.stage_jobs("diff")
     if not jobs: return None, "did not run in this run"
     j = jobs[-1]
     if not j.finished: return None, j.status + (f" ({j.reason.splitlines()[0][:200]})" if j.reason else "")
@@ -89,11 +54,11 @@ def diff_results(run: Run) -> dict[int, dict]:
     """The differential analyses of the run by checkpoint step: vs each checkpoint (`diff_checkpoints`) and base vs
     final (`diff`), only from the finished jobs this run records."""
     out: dict[int, dict] = {}
-    for j in stage_jobs(run, "diff_checkpoints", finished=True):
+    for j in run.stage_jobs("diff_checkpoints", finished=True):
         if (p := j.folder / "diff" / "results.json").exists(): out[j.step] = load_json(p)
     final, _ = final_diff(run)
     if final is not None:
-        step = stage_jobs(run, "diff")[-1].step
+        step = run.stage_jobs("diff")[-1].step
         out[-1 if step is None else step] = final
     return dict(sorted(out.items()))
 
@@ -112,7 +77,7 @@ def causal_rows(result: dict) -> pd.DataFrame | None:
 def circuit_results(run: Run) -> dict[int, dict]:
     "The circuit stage's summaries by checkpoint step (`circuits/step-<k>/circuit.json`) of the finished jobs this run records."
     out: dict[int, dict] = {}
-    for j in stage_jobs(run, "circuits", finished=True):
+    for j in run.stage_jobs("circuits", finished=True):
         if (p := j.folder / "circuit.json").exists(): out[j.step] = load_json(p)
     return dict(sorted(out.items()))
 
@@ -267,14 +232,14 @@ def headline_findings(run: Run) -> list[str]:
     if cks is not None and len(cks) > 1 and cks.val_loss.notna().all():
         out.append(f"**Fine-tuning** ({len(cks) - 1} checkpoints, {int(cks.step.max())} steps) moved the validation loss on "
                    f"summary tokens from {cks.val_loss.iloc[0]:.3f} to {cks.val_loss.iloc[-1]:.3f} nats.")
-    rouge = run.csv("evaluate", "rouge.csv")
+    rouge = run_table(run, "evaluate", "rouge.csv")
     if rouge is not None and {"system", "rougeL"} <= set(rouge.columns):
         r = rouge.set_index("system")
         parts = [f"{s} {r.loc[s, 'rougeL']:.3f}" + (f" [{r.loc[s, 'rougeL_low']:.3f}, {r.loc[s, 'rougeL_high']:.3f}]"
                  if "rougeL_low" in r else "") for s in r.index]
         out.append(f"**ROUGE-L F1** on {int(r['n'].iloc[0]) if 'n' in r else '?'} test documents: " + "; ".join(parts) + ".")
     final, status = final_diff(run)                          # the base-vs-final job's result, never another in its place
-    if final is None and (stage_jobs(run, "diff") or diff_results(run)):
+    if final is None and (run.stage_jobs("diff") or diff_results(run)):
         out.append(f"**Differential analysis** (base vs final): {status}; no finding is shown in its place"
                    + (" (the per-checkpoint analyses that finished are on the evolution page)" if diff_results(run) else "") + ".")
     if final is not None:
@@ -301,7 +266,7 @@ def headline_findings(run: Run) -> list[str]:
         out += setup_findings(last)
     if bad := unfinished(run, "circuits"):
         out.append("**Circuits** not finished in this run (no result shown for them): " + "; ".join(bad) + ".")
-    bake = run.csv("peft", "bakeoff.csv")
+    bake = run_table(run, "peft", "bakeoff.csv")
     if bake is not None and "rougeL" in bake.columns:
         name_col = bake.columns[0]
         best = bake.sort_values("rougeL", ascending=False).iloc[0]
@@ -443,13 +408,13 @@ def bakeoff_page(run: Run, pages: dict[str, str]) -> nbformat.NotebookNode:
     nb = new_page("PEFT bake-off", "Full fine-tuning vs LoRA on all, targeted, circuit and random layers", 2)
     add_markdown(nb, "Same rank, step budget and early stopping for every variant; ROUGE-1/2/L F1 with bootstrap "
                      "confidence intervals, trainable parameters, steps to the best validation loss and wall time.")
-    bake = run.csv("peft", "bakeoff.csv")
+    bake = run_table(run, "peft", "bakeoff.csv")
     if bake is None: add_markdown(nb, "The bake-off has not run.")
     else:
         add_outputs(nb, table_output(bake))
         if run.path("peft", "bakeoff.png").exists(): add_outputs(nb, png_output(run.path("peft", "bakeoff.png"), "peft/bakeoff.png"))
     add_markdown(nb, "## ROUGE of the base and the fine-tuned model")
-    rouge = run.csv("evaluate", "rouge.csv")
+    rouge = run_table(run, "evaluate", "rouge.csv")
     if rouge is None: add_markdown(nb, "The evaluation stage has not run.")
     else:
         add_outputs(nb, table_output(rouge))
@@ -501,7 +466,7 @@ def compare_page(runs: Sequence[Run]) -> nbformat.NotebookNode:
         d = final.get("diff", {})
         circuits = circuit_results(run)
         profile = circuits[max(circuits)].get("layer_profile") if circuits else None
-        bake = run.csv("peft", "bakeoff.csv")
+        bake = run_table(run, "peft", "bakeoff.csv")
         best = None
         if bake is not None and "rougeL" in bake.columns:
             b = bake.sort_values("rougeL", ascending=False).iloc[0]; best = f"{b[bake.columns[0]]} ({b['rougeL']:.3f})"
@@ -531,7 +496,7 @@ def compare_page(runs: Sequence[Run]) -> nbformat.NotebookNode:
     add_markdown(nb, "## Bake-off tables")
     cells = []
     for run in runs:
-        bake = run.csv("peft", "bakeoff.csv")
+        bake = run_table(run, "peft", "bakeoff.csv")
         inner = bake.to_html(index=False, float_format="{:.3g}".format, na_rep="", border=0, classes="dataframe table") \
             if bake is not None else "<p>no bake-off in this run</p>"
         cells.append(f'<div class="compare-column"><h3>{html.escape(run.name)}</h3>{inner}</div>')
@@ -665,7 +630,7 @@ def render_report(runs: Sequence[str | Path], out: str | Path = "_site", rendere
     use_quarto = renderer == "quarto" or (renderer == "auto" and shutil.which("quarto"))
     if renderer == "quarto" and not shutil.which("quarto"):
         raise FileNotFoundError("Quarto is not installed: use --renderer nbconvert (or auto).")
-    loaded = [load_run(r) for r in runs]
+    loaded = [Run.load(r) for r in runs]
     root = Path(root) if root else project_root()
     proc = Path(proc) if proc else Path("_proc") / loaded[0].name
     stage_site(loaded, proc, root)

@@ -359,7 +359,8 @@ CIRCUITS = (tp.COMMON + "checkpoint = None\nstep = 0\nevolution = False\nevoluti
 
 def test_stale_circuits_of_an_earlier_checkpoints_choice_are_never_read(project):
     from summcircuit.lora import circuit_selection_of_run
-    from summcircuit.report import circuit_results, load_run
+    from summcircuit.core import Run
+    from summcircuit.report import circuit_results
     write_stage_notebook(project / "nbs" / "08_circuits.ipynb", *CIRCUITS, title="08_circuits.ipynb")
     assert run() == 0                                                          # checkpoints: all -> steps 0, 2, 4
     folder = tp.folder_of(project)
@@ -368,13 +369,14 @@ def test_stale_circuits_of_an_earlier_checkpoints_choice_are_never_read(project)
     assert run("--set", "checkpoints=[0, 2]") == 0                             # step-4 (and step-99) now stale
     last = [e for e in tp.executions(project) if e["stage"] == "circuits"][-1]
     assert last["evolution"] and last["evolution_steps"] == [0, 2]             # the stage compares this run's steps only
-    run_ = load_run(folder)
+    run_ = Run.load(folder)
     assert sorted(circuit_results(run_)) == [0, 2]
     assert circuit_selection_of_run(folder, mode="heads") == [(2, 0)]          # not step-99's or step-4's heads
 
 
 def test_a_failed_final_diff_is_shown_as_failed_never_replaced(tmp_path):
-    from summcircuit.report import diff_results, evolution_page, headline_findings, home_page, load_run
+    from summcircuit.core import Run
+    from summcircuit.report import diff_results, evolution_page, headline_findings, home_page
     folder = fake_run(tmp_path / "runs" / "r")
     share = {"share_heads_lower_entropy": {"raw": {"share": 0.9, "ci_low": 0.8, "ci_high": 0.95}}, "critical_layers": [7]}
     save_json(folder / "diff_checkpoints" / "step-2" / "diff" / "results.json", {"diff": share})
@@ -386,7 +388,7 @@ def test_a_failed_final_diff_is_shown_as_failed_never_replaced(tmp_path):
                        {"stage": "diff", "job": "diff", "title": "Differential analysis", "status": "failed", "step": 4,
                         "reason": "CUDA out of memory"}]
     save_json(folder / "pipeline.json", record)
-    run_ = load_run(folder)
+    run_ = Run.load(folder)
     assert list(diff_results(run_)) == [2]
     findings = "\n".join(headline_findings(run_))
     assert "**Differential analysis** (base vs final): failed (CUDA out of memory); no finding is shown in its place" in findings

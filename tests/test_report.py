@@ -15,7 +15,8 @@ from summcircuit.core import load_json
 from summcircuit.cli import main
 from summcircuit.core import project_root
 from summcircuit.pipeline import STAGES, notebook_parameters
-from summcircuit.report import load_run, render_report, run_figures
+from summcircuit.core import Run
+from summcircuit.report import render_report, run_figures
 from summcircuit.site import front_matter, site_pages
 
 ROOT = project_root(Path(__file__).parent)
@@ -125,7 +126,7 @@ def site(smoke_run, tmp_path_factory):
     rec = load_json(other / "pipeline.json"); rec["config"]["name"] = "smoke-copy"
     (other / "pipeline.json").write_text(json.dumps(rec))
     out = render_report([smoke_run["folder"], other], base / "_site", renderer="nbconvert", root=ROOT, proc=base / "_proc")
-    return {"out": out, "proc": base / "_proc", "run": load_run(smoke_run["folder"])}
+    return {"out": out, "proc": base / "_proc", "run": Run.load(smoke_run["folder"])}
 
 
 @pytest.mark.slow
