@@ -94,51 +94,68 @@ def destination_gradients(lm: LoadedModel, batch: Batch, gim: GIM = GIM(), graph
     metric_fn = get_metric(metric)
     graph = graph or Graph(spec)
     if gim.softmax_temperature is not None: _check_eager(lm)
-    L, T = spec.n_layers, gim.softmax_temperature
-    norm_in, norm_out, proj_out, gate_up, grads = [], [], [], [], {}
     with frozen_parameters(hf), model.trace(batch.input_ids, attention_mask=batch.attention_mask,
                                             logits_to_keep=logits_window(batch)):   # only what the metric reads
-        # the layer-0 input is the only leaf that needs a gradient: weight gradients are never computed
-        first = spec.layer(model, 0)
-        first.input = (first.input if layer0_input is None else layer0_input).detach().requires_grad_(True)
-        for l in range(L):
-            for where, part in (("attn", spec.ln_attn), ("mlp", spec.ln_mlp)):
-                mod = spec.layer(model, l, part)
-                x = _freeze_norm(lm, mod, where, l) if gim.norm_freeze else mod.input
-                norm_in.append(x.save()); norm_out.append(mod.output)
-                if where == "attn":
-                    if T is not None: source = spec.attn_source(model, l)   # hook the attention before it starts
-                    proj_out.append([spec.layer(model, l, p).output for p in spec.qkv_proj])
-                    if T is not None: _temper_softmax(spec.attn_softmax(model, l, source), T)
-                elif spec.gated_mlp:
-                    gate_up.append([spec.layer(model, l, p).output for p in spec.mlp_in])
-                if replace is not None and tuple(replace[:2]) == (where, l):     # constant; 0 · output keeps hooks firing
-                    target = spec.layer(model, l, spec.o_proj if where == "attn" else spec.mlp)
-                    target.output = replace[2].to(target.output.device) + 0 * target.output
-        final = get_module(model, spec.final_norm)
-        x = _freeze_norm(lm, final, "final") if gim.norm_freeze else final.input
-        norm_in.append(x.save()); norm_out.append(final.output)
+        seen = _record_forward(lm, gim, layer0_input, replace)
         metric = metric_fn(model.output.logits, batch, clean_logits).save()
-        with metric.sum().backward():
-            grads["final"] = norm_out[-1].grad.save()
-            for l in reversed(range(L)):
-                if gim.qkv_scale and spec.gated_mlp:
-                    for t in reversed(gate_up[l]): t.grad = t.grad * GATE_SCALE
-                grads[("mlp", l)] = norm_out[2 * l + 1].grad.save()
-                outs, got = proj_out[l], []
-                if len(outs) == 1:   # fused q|k|v projection (GPT-2)
-                    g = outs[0].grad
-                    if gim.qkv_scale:
-                        g = g * torch.cat([torch.full((2 * spec.d_model,), QK_SCALE), torch.full((spec.d_model,), V_SCALE)]).to(g)
-                        outs[0].grad = g
-                    got = [g]
-                else:                # separate projections: gradients arrive v, k, q
-                    for t, s in zip(reversed(outs), (V_SCALE, QK_SCALE, QK_SCALE)):
-                        g = t.grad
-                        if gim.qkv_scale: g = g * s; t.grad = g
-                        got.insert(0, g)
-                grads[("qkv", l)] = torch.cat(got, dim=-1).save()
-    return _pull_back(lm, graph, grads, [x.detach() for x in norm_in], gim, out, weight, absorb), metric.detach()
+        with metric.sum().backward(): grads = _read_gradients(spec, gim, seen)
+    return _pull_back(lm, graph, grads, [x.detach() for x in seen["norm_in"]], gim, out, weight, absorb), metric.detach()
+
+def _record_forward(lm: LoadedModel, gim: GIM, layer0_input: torch.Tensor | None, replace) -> dict[str, list]:
+    """Inside a trace: make the layer-0 input the only leaf that needs a gradient (weight gradients are never
+    computed), put GIM's forward-identical surrogates in place, and keep what the backward pass reads: every norm's
+    input and output, each layer's q/k/v projections and (gated MLPs) gate/up projections."""
+    model, spec = lm.model, lm.spec
+    seen = {"norm_in": [], "norm_out": [], "qkv": [], "gate_up": []}
+    first = spec.layer(model, 0)
+    first.input = (first.input if layer0_input is None else layer0_input).detach().requires_grad_(True)
+    T = gim.softmax_temperature
+    for l in range(spec.n_layers):
+        for where, part in (("attn", spec.ln_attn), ("mlp", spec.ln_mlp)):
+            mod = spec.layer(model, l, part)
+            x = _freeze_norm(lm, mod, where, l) if gim.norm_freeze else mod.input
+            seen["norm_in"].append(x.save()); seen["norm_out"].append(mod.output)
+            if where == "attn":
+                if T is not None: source = spec.attn_source(model, l)   # hook the attention before it starts
+                seen["qkv"].append([spec.layer(model, l, p).output for p in spec.qkv_proj])
+                if T is not None: _temper_softmax(spec.attn_softmax(model, l, source), T)
+            elif spec.gated_mlp:
+                seen["gate_up"].append([spec.layer(model, l, p).output for p in spec.mlp_in])
+            if replace is not None and tuple(replace[:2]) == (where, l):     # constant; 0 · output keeps hooks firing
+                target = spec.layer(model, l, spec.o_proj if where == "attn" else spec.mlp)
+                target.output = replace[2].to(target.output.device) + 0 * target.output
+    final = get_module(model, spec.final_norm)
+    x = _freeze_norm(lm, final, "final") if gim.norm_freeze else final.input
+    seen["norm_in"].append(x.save()); seen["norm_out"].append(final.output)
+    return seen
+
+def _rescale_gradient(t, scale) -> torch.Tensor:
+    "The gradient arriving at `t` times `scale` (a number, or a vector over its last dim), which then flows on in its place."
+    g = t.grad
+    g = g * (scale.to(g) if torch.is_tensor(scale) else scale)
+    t.grad = g
+    return g
+
+def _qkv_scales(spec: ArchSpec) -> list:
+    "GIM's q/k/v gradient scales, one per projection module (GPT-2's fused q|k|v: one vector over its outputs)."
+    if len(spec.qkv_proj) == 1:
+        return [torch.cat([torch.full((2 * spec.d_model,), QK_SCALE), torch.full((spec.d_model,), V_SCALE)])]
+    return [QK_SCALE, QK_SCALE, V_SCALE]
+
+def _read_gradients(spec: ArchSpec, gim: GIM, seen: dict[str, list]) -> dict:
+    """Inside the backward pass, in the order gradients arrive (last layer first; within a layer the MLP, then v,
+    k, q): the final norm's and each MLP norm's output gradients and each layer's q/k/v projection gradients,
+    with GIM's rescaling of the q/k/v and gate/up gradients applied as they flow."""
+    grads = {"final": seen["norm_out"][-1].grad.save()}
+    scales = _qkv_scales(spec) if gim.qkv_scale else None
+    for l in reversed(range(spec.n_layers)):
+        if gim.qkv_scale and spec.gated_mlp:
+            for t in reversed(seen["gate_up"][l]): _rescale_gradient(t, GATE_SCALE)
+        grads[("mlp", l)] = seen["norm_out"][2 * l + 1].grad.save()
+        outs = seen["qkv"][l]
+        got = [t.grad if scales is None else _rescale_gradient(t, s) for t, s in zip(reversed(outs), reversed(scales or outs))]
+        grads[("qkv", l)] = torch.cat(got[::-1], dim=-1).save()
+    return grads
 
 def _pull_back(lm: LoadedModel, graph: Graph, grads: dict, norm_in: list, gim: GIM, out: torch.Tensor | None = None,
                weight: float = 1.0, absorb: Callable[[slice, torch.Tensor], None] | None = None) -> torch.Tensor | None:
