@@ -20,16 +20,16 @@ from .corrupt import pair_batches
 from .data import Batch, logits_window
 from .evaluate import bootstrap
 from .graph import CorruptedRun, Graph, check_scores, run_with_patched_edges, top_n_mask
-from .metrics import get_metric, needs_clean
+from .metrics import get_metric, needs_clean, run_logits
 from .models import LoadedModel
 
 # %% auto #0
 __all__ = ['FRACTIONS', 'read_by', 'readers', 'prune', 'top_n_circuit', 'greedy_circuit', 'Baselines', 'PatchBatch',
-           'clean_run_logits', 'patch_batches', 'as_patch_batches', 'circuit_metrics', 'circuit_metric', 'baselines',
-           'faithfulness', 'faithfulness_interval', 'area', 'random_circuit', 'FaithfulnessCurve', 'faithfulness_curve',
-           'jaccard', 'split_halves', 'split_documents', 'robustness', 'edge_effects', 'sample_edges',
-           'exact_agreement', 'circuit_nodes', 'compare_circuits', 'layer_profile', 'plot_circuit', 'plot_faithfulness',
-           'plot_layer_mass', 'save_circuit', 'load_circuit_snapshots', 'evolution_table', 'plot_evolution']
+           'patch_batches', 'as_patch_batches', 'circuit_metrics', 'circuit_metric', 'baselines', 'faithfulness',
+           'faithfulness_interval', 'area', 'random_circuit', 'FaithfulnessCurve', 'faithfulness_curve', 'jaccard',
+           'split_halves', 'split_documents', 'robustness', 'edge_effects', 'sample_edges', 'exact_agreement',
+           'circuit_nodes', 'compare_circuits', 'layer_profile', 'plot_circuit', 'plot_faithfulness', 'plot_layer_mass',
+           'save_circuit', 'load_circuit_snapshots', 'evolution_table', 'plot_evolution']
 
 # %% ../nbs/08_circuits.ipynb #c4f87c2b
 def _ownership(graph: Graph, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -103,19 +103,13 @@ class PatchBatch:
     clean_logits: torch.Tensor | None = None
     clean_run: CorruptedRun | None = None    # the clean run cached the same way, for masks close to full
 
-@torch.no_grad()
-def clean_run_logits(lm: LoadedModel, clean: Batch) -> torch.Tensor:
-    "The clean run's logits at the positions the metrics read (`logits_window`)."
-    clean = clean.to(lm.device)
-    return lm.hf(clean.input_ids, attention_mask=clean.attention_mask, logits_to_keep=logits_window(clean)).logits
-
 def patch_batches(lm: LoadedModel, pairs: Sequence, batch_size: int = 4, metric: str | Callable = "summary_logprob",
                   graph: Graph | None = None) -> list[PatchBatch]:
     """Batch `pairs` and run the corrupted inputs once (and the clean ones, when `metric` compares with them). With
     a positional `graph`, the corrupted outputs are kept sorted by its spans, so patched runs need not sort them."""
     out = []
     for c, k in pair_batches(pairs, lm.tokenizer.pad_token_id, batch_size):
-        logits = clean_run_logits(lm, c) if needs_clean(metric) else None
+        logits = run_logits(lm, c) if needs_clean(metric) else None
         out.append(PatchBatch(c, k, CorruptedRun.of(lm, c, k, graph), logits))
     return out
 
@@ -146,7 +140,7 @@ def baselines(lm: LoadedModel, batches: Sequence[PatchBatch], graph: Graph, metr
     edge carries its clean value), so it costs one plain forward."""
     metric_fn = get_metric(metric)
     full = [x for b in batches for x in
-            metric_fn(b.clean_logits if b.clean_logits is not None else clean_run_logits(lm, b.clean), b.clean.to(lm.device),
+            metric_fn(b.clean_logits if b.clean_logits is not None else run_logits(lm, b.clean), b.clean.to(lm.device),
                       b.clean_logits).tolist()]
     empty = circuit_metrics(lm, batches, torch.zeros_like(graph.edges), graph, metric)
     return Baselines(float(np.mean(full)), float(np.mean(empty)), full, empty)

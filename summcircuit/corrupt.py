@@ -16,14 +16,14 @@ from transformers import PreTrainedTokenizerBase
 
 from .core import load_json, save_json
 from .data import Batch, Prompt, SummaryExample, build_prompt, check_aligned, collate, logits_window
-from .metrics import get_metric, reads_copy
+from .metrics import get_metric, reads_copy, run_logits
 from .models import LoadedModel
 
 # %% auto #0
 __all__ = ['SALIENCE_METHODS', 'FILLER', 'CORRUPTIONS', 'rouge2_recall', 'select_salient', 'filler_token_id', 'CorruptedPair',
            'check_pair', 'mask_sentences', 'donor_tokens', 'swap_sentences', 'copy_positions', 'counterfactual_map',
            'counterfactual_sentences', 'make_pair', 'build_pairs', 'pair_batch', 'pair_batches', 'save_pairs',
-           'load_pairs', 'task_metric', 'pair_metric_table', 'pair_metrics']
+           'load_pairs', 'pair_metric_table', 'pair_metrics']
 
 # %% ../nbs/04_corrupt.ipynb #2cc27b67
 _ROUGE2 = rouge_scorer.RougeScorer(["rouge2"], use_stemmer=True)
@@ -256,13 +256,6 @@ def load_pairs(path: str | Path) -> list[CorruptedPair]:
     return pairs
 
 # %% ../nbs/04_corrupt.ipynb #8c52bcd2
-@torch.no_grad()
-def task_metric(lm: LoadedModel, batch: Batch, metric: str = "summary_logprob", clean_logits: torch.Tensor | None = None) -> torch.Tensor:
-    "A metric of `summcircuit.metrics` (default: the task metric) per example `[batch]` on `lm`'s run of `batch`."
-    batch = batch.to(lm.device)
-    logits = lm.hf(batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=logits_window(batch)).logits
-    return get_metric(metric)(logits, batch, clean_logits).cpu()
-
 def _rows(batch: Batch, rows: list[int]) -> Batch:
     "The examples `rows` of `batch`."
     pick = lambda t: None if t is None else t[rows]
@@ -277,9 +270,8 @@ def pair_metric_table(lm: LoadedModel, pairs: Sequence[CorruptedPair], metrics: 
     out = {m: ([], []) for m in metrics}
     for c, k in tqdm(pair_batches(pairs, lm.tokenizer.pad_token_id, batch_size), desc="metrics", disable=not progress):
         c, k = c.to(lm.device), k.to(lm.device)
-        window = logits_window(c)                     # the logits the metrics read
-        lc = lm.hf(c.input_ids, attention_mask=c.attention_mask, logits_to_keep=window).logits
-        lk = lm.hf(k.input_ids, attention_mask=k.attention_mask, logits_to_keep=window).logits
+        window = logits_window(c)                     # the logits the metrics read, the same for both sides
+        lc, lk = run_logits(lm, c, window), run_logits(lm, k, window)
         has_copy = c.copy_mask[:, 1:].any(-1).nonzero().flatten().tolist()
         for m in metrics:
             f = get_metric(m)

@@ -302,10 +302,8 @@ def run_with_head_outputs(lm: LoadedModel, batch: Batch, head_mask: torch.Tensor
     with torch.no_grad(), model.trace(batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=logits_to_keep):
         for l in range(spec.n_layers):
             if not head_mask[l].any(): continue
-            proj = spec.layer(model, l, spec.o_proj)
-            z = proj.input
-            zh = z.view(*z.shape[:-1], spec.n_heads, spec.d_head)
-            proj.input = torch.where(head_mask[l][:, None], replacement[l].to(z.dtype), zh).reshape(z.shape)
+            z = spec.z(model, l)
+            spec.set_z(model, l, torch.where(head_mask[l][:, None], replacement[l].to(z.dtype), z))
         logits = model.output.logits.save()
     return logits
 

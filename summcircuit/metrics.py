@@ -8,13 +8,14 @@ from typing import Callable
 
 import torch
 
-from .data import Batch, logit_positions, per_example_mean, summary_logprob as _summary_logprob
+from .data import Batch, logit_positions, logits_window, per_example_mean, summary_logprob as _summary_logprob
+from .models import LoadedModel
 
 Metric = Callable[..., torch.Tensor]   # metric(logits, batch, clean_logits=None) -> [batch] float32
 
 # %% auto #0
 __all__ = ['Metric', 'METRICS', 'NEEDS_CLEAN', 'READS_COPY', 'summary_logprob', 'copy_targets', 'copy_logprob', 'copy_logit_diff',
-           'kl_to_clean', 'get_metric', 'needs_clean', 'reads_copy', 'check_finite_metric']
+           'kl_to_clean', 'get_metric', 'needs_clean', 'reads_copy', 'run_logits', 'run_metric', 'check_finite_metric']
 
 # %% ../nbs/02b_metrics.ipynb #83a181ad
 def summary_logprob(logits: torch.Tensor, batch: Batch, clean_logits: torch.Tensor | None = None) -> torch.Tensor:
@@ -94,6 +95,21 @@ def needs_clean(metric: str | Metric) -> bool:
 def reads_copy(metric: str | Metric) -> bool:
     "Whether `metric` (a name or one of `METRICS`) needs copy positions on every example."
     return any(get_metric(metric) is METRICS[n] for n in READS_COPY)
+
+# %% ../nbs/02b_metrics.ipynb #0007e1d7
+@torch.no_grad()
+def run_logits(lm: LoadedModel, batch: Batch, logits_to_keep: int | None = None) -> torch.Tensor:
+    "Logits of `lm`'s run of `batch`: of the positions the metrics read (`logits_window`), or the last `logits_to_keep` (0: all)."
+    batch = batch.to(lm.device)
+    keep = logits_window(batch) if logits_to_keep is None else logits_to_keep
+    with lm.model.trace(batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep):
+        logits = lm.model.output.logits.save()
+    return logits
+
+def run_metric(lm: LoadedModel, batch: Batch, metric: str | Metric = "summary_logprob",
+               clean_logits: torch.Tensor | None = None) -> torch.Tensor:
+    "`metric` (default: the task metric) per example `[batch]` of `lm`'s run of `batch`, on the CPU."
+    return get_metric(metric)(run_logits(lm, batch), batch.to(lm.device), clean_logits).cpu()
 
 # %% ../nbs/02b_metrics.ipynb #40159f40
 def check_finite_metric(stage: str, batch: Batch, *values: torch.Tensor) -> None:

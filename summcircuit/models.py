@@ -19,9 +19,9 @@ from .core import atomic_path, cache_dir, hub_offline, hub_reachable, resolve_de
 
 # %% auto #0
 __all__ = ['LLAMA_FAMILY', 'EOT', 'TINY_CONFIGS', 'SMOLLM2_GGUF', 'INSTALL_SMOLLM2', 'EMBEDDED', 'WEIGHT_FILES',
-           'TOKENIZER_FILES', 'get_module', 'ArchSpec', 'resid_pre', 'qkv', 'set_qkv', 'pattern', 'z', 'resid_mid',
-           'mlp_post', 'mlp_out', 'resid_post', 'resid_final', 'attn_source', 'attn_softmax', 'W_QKV', 'b_QKV', 'W_O',
-           'b_O', 'norm_module', 'apply_norm', 'norm_vjp', 'arch_spec', 'byte_tokenizer', 'tiny_model',
+           'TOKENIZER_FILES', 'get_module', 'ArchSpec', 'resid_pre', 'qkv', 'set_qkv', 'pattern', 'z', 'set_z',
+           'resid_mid', 'mlp_post', 'mlp_out', 'resid_post', 'resid_final', 'attn_source', 'attn_softmax', 'W_QKV',
+           'b_QKV', 'W_O', 'b_O', 'norm_module', 'apply_norm', 'norm_vjp', 'arch_spec', 'byte_tokenizer', 'tiny_model',
            'smollm2_gguf_folder', 'LoadedModel', 'load_model', 'check_finite_weights']
 
 # %% ../nbs/01_models.ipynb #f1b36c5a
@@ -108,6 +108,10 @@ def z(self: ArchSpec, m, l: int):
     "Per-head attention outputs of layer `l` (the input of the output projection) `[b, pos, n_heads, d_head]`."
     return _split_heads(self.layer(m, l, self.o_proj).input, self.n_heads)
 
+def set_z(self: ArchSpec, m, l: int, z) -> None:
+    "Overwrite layer `l`'s per-head attention outputs (shaped as `z` returns them) before the output projection."
+    self.layer(m, l, self.o_proj).input = z.reshape(*z.shape[:-2], -1)
+
 def resid_mid(self: ArchSpec, m, l: int):
     "Residual stream between attention and MLP of layer `l`."
     return self.layer(m, l, self.ln_mlp).input
@@ -136,7 +140,7 @@ def attn_softmax(self: ArchSpec, m, l: int, source=None):
     "The softmax call inside layer `l`'s eager attention: `.input` = masked scores, `.output` = probabilities."
     return (source or self.attn_source(m, l)).attention_interface_1.source.nn_functional_softmax_0
 
-for _f in (resid_pre, qkv, set_qkv, pattern, z, resid_mid, mlp_post, mlp_out, resid_post, resid_final, attn_source,
+for _f in (resid_pre, qkv, set_qkv, pattern, z, set_z, resid_mid, mlp_post, mlp_out, resid_post, resid_final, attn_source,
            attn_softmax):
     setattr(ArchSpec, _f.__name__, _f)
 

@@ -1,12 +1,12 @@
 """Metrics (summcircuit.metrics) against hand-written loops over positions, on padded batches of real pairs, and
-through the model (task_metric, pair_metrics, pair_metric_table)."""
+through the model (run_metric, pair_metrics, pair_metric_table)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from summcircuit.corrupt import build_pairs, pair_batch, pair_metric_table, pair_metrics, task_metric
+from summcircuit.corrupt import build_pairs, pair_batch, pair_metric_table, pair_metrics
 from summcircuit.data import synthetic_examples
-from summcircuit.metrics import (METRICS, NEEDS_CLEAN, READS_COPY, copy_logit_diff, copy_logprob, get_metric,
+from summcircuit.metrics import (METRICS, NEEDS_CLEAN, READS_COPY, copy_logit_diff, copy_logprob, get_metric, run_metric,
                                  kl_to_clean, needs_clean, reads_copy, summary_logprob)
 from summcircuit.models import byte_tokenizer, load_model
 
@@ -137,7 +137,7 @@ def test_metrics_through_the_model():
     for name, f in METRICS.items():
         torch.testing.assert_close(table[name][0], f(lc, clean, lc), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(table[name][1], f(lk, corr, lc), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(task_metric(lm, corr, name, lc), f(lk, corr, lc), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(run_metric(lm, corr, name, lc), f(lk, corr, lc), atol=1e-5, rtol=1e-5)
     mc, mr = pair_metrics(lm, pairs, batch_size=2, progress=False, metric="kl")
     torch.testing.assert_close(mc, torch.zeros(len(pairs)), atol=1e-5, rtol=0)
     assert (mr < 0).all()
