@@ -20,7 +20,7 @@ from .core import (content_hash, file_fingerprint, fingerprint_problem, folder_l
 
 # %% auto #0
 __all__ = ['DEVICE_PATTERN', 'PARAMETER_RULES', 'PARAMETER_CHOICES', 'SHARED_PARAMETERS', 'STAGES', 'STALE', 'DEMO_TAG',
-           'PROGRESS', 'RunConfig', 'Yaml12Loader', 'check_run_name', 'check_shared', 'load_config',
+           'KERNEL_WARNINGS', 'PROGRESS', 'RunConfig', 'Yaml12Loader', 'check_run_name', 'check_shared', 'load_config',
            'notebook_parameters', 'notebook_parameter_types', 'parameter_types', 'check_parameter', 'notebook_text',
            'check_value', 'Stage', 'stage_named', 'Job', 'library_modules', 'job_key', 'select_checkpoints',
            'StageNotReady', 'stage_parameters', 'plan_stage', 'StageFailed', 'move_aside', 'restore_aside',
@@ -495,6 +495,9 @@ def job_outputs(job: Job, before: dict[str, tuple[int, int]] | None = None, besi
     return sorted(out)
 
 DEMO_TAG = "demo"
+# the kernel has no ipywidgets, so tqdm.auto falls back to text bars (what `--progress live` streams) and would say
+# so in red at the top of every stage page; the fallback is what we want
+KERNEL_WARNINGS = "ignore:IProgress not found"
 
 def stage_input(notebook: str | Path, folder: str | Path) -> Path:
     "The notebook a stage executes: `notebook` without its cells tagged `demo` (written into `folder` if it has any)."
@@ -539,7 +542,7 @@ def execute_job(job: Job, root: Path, runs: Path, progress: bool | str = True, k
     import logging
     logging.getLogger("papermill").setLevel(logging.ERROR)   # its parameter inspection warns on comments; we check parameters ourselves
     try:
-        with _environment({"SUMMCIRCUIT_RUNS": str(runs), **job.env}):
+        with _environment({"SUMMCIRCUIT_RUNS": str(runs), "PYTHONWARNINGS": KERNEL_WARNINGS, **job.env}):
             source = stage_input(root / "nbs" / job.stage.notebook, job.folder)
             live = {"stdout_file": sys.stdout, "stderr_file": sys.stderr} if mode == "live" else {}
             pm.execute_notebook(str(source), str(job.executed), parameters=job.params,
