@@ -94,19 +94,21 @@ def destination_gradients(lm: LoadedModel, batch: Batch, gim: GIM = GIM(), graph
     metric_fn = get_metric(metric)
     graph = graph or Graph(spec)
     if gim.softmax_temperature is not None: _check_eager(lm)
+    seen, grads = {}, {}              # filled inside the trace: only saved values leave its body otherwise
     with frozen_parameters(hf), model.trace(batch.input_ids, attention_mask=batch.attention_mask,
                                             logits_to_keep=logits_window(batch)):   # only what the metric reads
-        seen = _record_forward(lm, gim, layer0_input, replace)
+        _record_forward(lm, gim, layer0_input, replace, seen)
         metric = metric_fn(model.output.logits, batch, clean_logits).save()
-        with metric.sum().backward(): grads = _read_gradients(spec, gim, seen)
+        with metric.sum().backward():
+            _read_gradients(spec, gim, seen, grads)
     return _pull_back(lm, graph, grads, [x.detach() for x in seen["norm_in"]], gim, out, weight, absorb), metric.detach()
 
-def _record_forward(lm: LoadedModel, gim: GIM, layer0_input: torch.Tensor | None, replace) -> dict[str, list]:
+def _record_forward(lm: LoadedModel, gim: GIM, layer0_input: torch.Tensor | None, replace, seen: dict) -> None:
     """Inside a trace: make the layer-0 input the only leaf that needs a gradient (weight gradients are never
     computed), put GIM's forward-identical surrogates in place, and keep what the backward pass reads: every norm's
-    input and output, each layer's q/k/v projections and (gated MLPs) gate/up projections."""
+    input and output, each layer's q/k/v projections and (gated MLPs) gate/up projections; into `seen`."""
     model, spec = lm.model, lm.spec
-    seen = {"norm_in": [], "norm_out": [], "qkv": [], "gate_up": []}
+    seen.update(norm_in=[], norm_out=[], qkv=[], gate_up=[])
     first = spec.layer(model, 0)
     first.input = (first.input if layer0_input is None else layer0_input).detach().requires_grad_(True)
     T = gim.softmax_temperature
@@ -127,7 +129,6 @@ def _record_forward(lm: LoadedModel, gim: GIM, layer0_input: torch.Tensor | None
     final = get_module(model, spec.final_norm)
     x = _freeze_norm(lm, final, "final") if gim.norm_freeze else final.input
     seen["norm_in"].append(x.save()); seen["norm_out"].append(final.output)
-    return seen
 
 def _rescale_gradient(t, scale) -> torch.Tensor:
     "The gradient arriving at `t` times `scale` (a number, or a vector over its last dim), which then flows on in its place."
@@ -142,11 +143,11 @@ def _qkv_scales(spec: ArchSpec) -> list:
         return [torch.cat([torch.full((2 * spec.d_model,), QK_SCALE), torch.full((spec.d_model,), V_SCALE)])]
     return [QK_SCALE, QK_SCALE, V_SCALE]
 
-def _read_gradients(spec: ArchSpec, gim: GIM, seen: dict[str, list]) -> dict:
+def _read_gradients(spec: ArchSpec, gim: GIM, seen: dict[str, list], grads: dict) -> None:
     """Inside the backward pass, in the order gradients arrive (last layer first; within a layer the MLP, then v,
     k, q): the final norm's and each MLP norm's output gradients and each layer's q/k/v projection gradients,
-    with GIM's rescaling of the q/k/v and gate/up gradients applied as they flow."""
-    grads = {"final": seen["norm_out"][-1].grad.save()}
+    with GIM's rescaling of the q/k/v and gate/up gradients applied as they flow; into `grads`."""
+    grads["final"] = seen["norm_out"][-1].grad.save()
     scales = _qkv_scales(spec) if gim.qkv_scale else None
     for l in reversed(range(spec.n_layers)):
         if gim.qkv_scale and spec.gated_mlp:
@@ -155,7 +156,6 @@ def _read_gradients(spec: ArchSpec, gim: GIM, seen: dict[str, list]) -> dict:
         outs = seen["qkv"][l]
         got = [t.grad if scales is None else _rescale_gradient(t, s) for t, s in zip(reversed(outs), reversed(scales or outs))]
         grads[("qkv", l)] = torch.cat(got[::-1], dim=-1).save()
-    return grads
 
 def _pull_back(lm: LoadedModel, graph: Graph, grads: dict, norm_in: list, gim: GIM, out: torch.Tensor | None = None,
                weight: float = 1.0, absorb: Callable[[slice, torch.Tensor], None] | None = None) -> torch.Tensor | None:
