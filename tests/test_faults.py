@@ -250,9 +250,9 @@ def test_a_second_run_on_a_locked_folder_says_who_holds_it_and_exits(project, ca
 # 6. smaller ones -----------------------------------------------------------------------------------------------------
 
 def test_the_interrupt_hint_is_the_exact_command(project, capsys, monkeypatch):
-    import summcircuit.pipeline as pl
+    import summcircuit.cli as cli
     def interrupted(*a, **k): raise KeyboardInterrupt
-    monkeypatch.setattr(pl, "run_pipeline", interrupted)
+    monkeypatch.setattr(cli, "run_pipeline", interrupted)
     args = ["run", "--config", "fake", "--name", "n1", "--runs-root", str(project / "elsewhere"), "--set",
             "diff.n_examples=5", "--no-report"]
     assert main(args) == 130
