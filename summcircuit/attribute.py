@@ -157,6 +157,7 @@ def _read_gradients(spec: ArchSpec, gim: GIM, seen: dict[str, list], grads: dict
         got = [t.grad if scales is None else _rescale_gradient(t, s) for t, s in zip(reversed(outs), reversed(scales or outs))]
         grads[("qkv", l)] = torch.cat(got[::-1], dim=-1).save()
 
+@torch.no_grad()       # the weights require gradients again here: no graph may grow over the passes
 def _pull_back(lm: LoadedModel, graph: Graph, grads: dict, norm_in: list, gim: GIM, out: torch.Tensor | None = None,
                weight: float = 1.0, absorb: Callable[[slice, torch.Tensor], None] | None = None) -> torch.Tensor | None:
     """Turn projection / norm-output gradients into per-destination input gradients, one layer's destinations at a
@@ -226,6 +227,7 @@ class EdgeScoreSum:
         self.scores = self.delta.new_zeros(graph.n_spans, graph.n_sources, graph.n_destinations)
         self.input_row = self.delta.new_zeros(delta.shape[1])
 
+    @torch.no_grad()
     def __call__(self, rows: slice, grads: torch.Tensor) -> None:
         "Add the scores of destinations `rows` (fed by the same sources) from their gradients `grads` `[k, b, pos, d]`."
         grads = grads.to(self.delta.device, torch.float32)        # from the layer's device, under a device map
