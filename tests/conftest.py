@@ -47,3 +47,17 @@ def corrupted_copy(batch: Batch, start: int, stop: int, token_id: int = ord("_")
     ids = batch.input_ids.clone()
     ids[:, start:stop] = token_id
     return Batch(ids, batch.attention_mask, batch.target_mask, batch.ids)
+
+
+def run_alone_and_under_torchrun(script, tmp_path, timeout: int = 500) -> None:
+    """Run `script FOLDER` as one process into `tmp_path/one` and as two gloo processes (`torchrun
+    --nproc_per_node 2`, CPU) into `tmp_path/two`; fail with the end of its stderr if either run fails."""
+    import socket, subprocess
+    env = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one")], env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(port), str(script), str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=timeout)
+    assert two.returncode == 0, two.stderr[-3000:]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import wrap  # noqa: E402
+from conftest import run_alone_and_under_torchrun, wrap  # noqa: E402
 
 from summcircuit.core import load_json
 from summcircuit.data import SummaryExample, collate, synthetic_examples
@@ -143,17 +143,8 @@ def test_bad_input_fails_clearly_and_overwrites_nothing(tmp_path):
 def test_two_gloo_processes_match_one_process(tmp_path):
     """`finetune` under `torchrun --nproc_per_node 2` (gloo on CPU; each process takes half of the global batch of 4)
     ends with the weights, checkpoint index and validation losses of one process on the same global batch."""
-    import socket, subprocess
     from safetensors.torch import load_file
-    script = Path(__file__).parent / "ddp_finetune.py"
-    env = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
-    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one")], env=env, capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                          "127.0.0.1", "--master_port", str(port), str(script), str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=500)
-    assert two.returncode == 0, two.stderr[-3000:]
+    run_alone_and_under_torchrun(Path(__file__).parent / "ddp_finetune.py", tmp_path)
     index_one, index_two = load_json(tmp_path / "one" / INDEX_NAME), load_json(tmp_path / "two" / INDEX_NAME)
     assert [c["step"] for c in index_one] == [c["step"] for c in index_two] == [0, 3]
     for a, b in zip(index_one, index_two): assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-5)

@@ -4,6 +4,8 @@ import dataclasses
 from itertools import combinations
 
 import pytest
+
+from conftest import run_alone_and_under_torchrun
 import torch
 from transformers import TrainerControl, TrainerState
 
@@ -146,18 +148,9 @@ def test_bakeoff_under_two_gloo_processes_matches_one_process(tmp_path):
     """`run_bakeoff` under `torchrun --nproc_per_node 2` (gloo on CPU; each process takes half of the global batch of
     4) trains the variant to the validation curve of one process on the same global batch; only the lead process
     writes, and it writes what one process writes."""
-    import os, socket, subprocess, sys
     from pathlib import Path
     from summcircuit.core import load_json
-    script = Path(__file__).parent / "ddp_bakeoff.py"
-    env = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
-    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one")], env=env, capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                          "127.0.0.1", "--master_port", str(port), str(script), str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=500)
-    assert two.returncode == 0, two.stderr[-3000:]
+    run_alone_and_under_torchrun(Path(__file__).parent / "ddp_bakeoff.py", tmp_path)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir()) \
         == ["base.json", "lora_targeted-s0.json"]
     a, b = (load_json(tmp_path / run / "lora_targeted-s0.json") for run in ("one", "two"))
