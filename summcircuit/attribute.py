@@ -21,9 +21,9 @@ from .metrics import check_finite_metric, get_metric
 from .models import ArchSpec, LoadedModel, check_finite_weights, get_module
 
 # %% auto #0
-__all__ = ['QK_SCALE', 'V_SCALE', 'GATE_SCALE', 'METHODS', 'IG_RULES', 'COMPLETENESS_TOLERANCE', 'STREAM_ABOVE_BYTES', 'GIM',
-           'as_gim', 'frozen_parameters', 'destination_gradients', 'logits_with_gim', 'edge_scores', 'EdgeScoreSum',
-           'Attribution', 'load_attribution', 'ig_alphas', 'attribute']
+__all__ = ['QK_SCALE', 'V_SCALE', 'GATE_SCALE', 'METHODS', 'IG_RULES', 'COMPLETENESS_TOLERANCE', 'STREAM_ABOVE_BYTES',
+           'STREAM_BUFFER_BYTES', 'GIM', 'as_gim', 'frozen_parameters', 'destination_gradients', 'logits_with_gim',
+           'EdgeScoreSum', 'edge_scores', 'Attribution', 'load_attribution', 'ig_alphas', 'attribute']
 
 # %% ../nbs/07_attribute.ipynb #9e09ada0
 @dataclass(frozen=True)
@@ -168,17 +168,15 @@ def _pull_back(lm: LoadedModel, graph: Graph, grads: dict, norm_in: list, gim: G
     if absorb is None:
         if out is None: out = g0.new_zeros(graph.n_destinations, *g0.shape)
         absorb = lambda rows, g: out[rows].add_(g.to(out.device))
-    def pull(rows: slice, where: str, l: int | None, x: torch.Tensor, g: torch.Tensor):
+    for where, l, rows in graph.destination_groups:
+        if where == "attn":
+            gq, gk, gv = grads[("qkv", l)].split([H * dh, K * dh, K * dh], dim=-1)
+            g = torch.cat([torch.einsum("btnk,nmk->nbtm", gx.unflatten(-1, (-1, dh)), W)      # q heads, then k, v
+                           for gx, W in zip((gq, gk, gv), spec.W_QKV(hf, l))])
+        else: g = (g0 if where == "final" else grads[("mlp", l)])[None]
+        x = norm_in[-1 if where == "final" else 2 * l + (where == "mlp")]
         dx = spec.norm_vjp(spec.norm_module(hf, where, l), x, g, gim.norm_freeze)
         absorb(rows, dx if weight == 1 else dx.mul_(weight))
-    for l in range(spec.n_layers):
-        gq, gk, gv = grads[("qkv", l)].split([H * dh, K * dh, K * dh], dim=-1)
-        per_head = torch.cat([torch.einsum("btnk,nmk->nbtm", gx.unflatten(-1, (-1, dh)), W)      # q heads, then k, v
-                              for gx, W in zip((gq, gk, gv), spec.W_QKV(hf, l))])
-        pull(graph.attn_destinations(l), "attn", l, norm_in[2 * l], per_head)
-        m = graph.mlp_destination(l)
-        pull(slice(m, m + 1), "mlp", l, norm_in[2 * l + 1], grads[("mlp", l)][None])
-    pull(slice(graph.n_destinations - 1, None), "final", None, norm_in[-1], g0[None])
     return None if out is None else out.detach()
 
 # %% ../nbs/07_attribute.ipynb #9732c11e
@@ -195,66 +193,77 @@ def logits_with_gim(lm: LoadedModel, batch: Batch, gim: GIM) -> torch.Tensor:
     return logits
 
 # %% ../nbs/07_attribute.ipynb #c96c5ece
-def edge_scores(graph: Graph, delta: torch.Tensor, grads: torch.Tensor, layout: SpanLayout | None = None) -> torch.Tensor:
-    """Σ over batch, positions (of each span) and d_model of Δz_u · ∂m/∂x_v for every edge, float32, of `graph.shape`.
-    On a positional graph `delta` and `grads` are sorted by span in place (`layout.sort_`)."""
-    if graph.positional and layout is None: raise ValueError("A positional graph's scores need the batch's SpanLayout.")
-    layout = layout or SpanLayout(tuple(delta.shape[1:3]), [(0, delta.shape[1] * delta.shape[2])])
-    delta, grads = layout.sort_(delta).float(), layout.sort_(grads).float()      # [n, b * pos, d] in span order
-    out = delta.new_zeros(graph.n_spans, graph.n_sources, graph.n_destinations)
-    for s, (a, b) in enumerate(layout.bounds):                        # one matrix product per layer and span
-        if a == b: continue
-        dl, gr = delta[:, a:b].flatten(1), grads[:, a:b].flatten(1)
-        for l in range(graph.spec.n_layers):
-            n, cols = graph.n_upstream_attn(l), graph.attn_destinations(l)
-            out[s, :n, cols] = dl[:n] @ gr[cols].T
-            n, col = graph.n_upstream_mlp(l), graph.mlp_destination(l)
-            out[s, :n, col] = dl[:n] @ gr[col]
-        out[s, :, -1] = dl @ gr[-1]
-    return out if graph.positional else out[0]
-
-# %% ../nbs/07_attribute.ipynb #0dc22624
 class EdgeScoreSum:
-    """Edge scores summed as destination gradients arrive, a layer's destinations at a time and pass after pass:
-    `edge_scores` of the summed gradients without holding them. Also each pair's input-row sum (completeness).
+    """Edge scores of destination gradients that arrive a group at a time (`Graph.destination_groups`), pass after
+    pass, summed: the scores of the summed gradients. The last destinations' gradients, up to `buffer_bytes`, are
+    summed first and scored once (they read the most sources: scoring them costs the most); the others are scored as
+    they arrive, so their gradients are never held. Also each pair's input-row sum (completeness).
     `delta` `[n_sources, b, pos, d]` is sorted by span in place."""
-    def __init__(self, graph: Graph, delta: torch.Tensor, layout: SpanLayout | None = None):
+    def __init__(self, graph: Graph, delta: torch.Tensor, layout: SpanLayout | None = None, buffer_bytes: float = 0):
         if graph.positional and layout is None: raise ValueError("A positional graph's scores need the batch's SpanLayout.")
         self.graph, self.n_upstream = graph, graph.n_upstream.tolist()
         self.layout = layout or SpanLayout(tuple(delta.shape[1:3]), [(0, delta.shape[1] * delta.shape[2])])
         self.delta_input = delta[0].float().clone()                  # [b, pos, d], for each pair's input row
         self.delta = self.layout.sort_(delta).float()                # [n_sources, b * pos, d] in span order
         self.scores = self.delta.new_zeros(graph.n_spans, graph.n_sources, graph.n_destinations)
-        self.input_row = self.delta.new_zeros(delta.shape[1])
+        self._input_row = self.delta.new_zeros(delta.shape[1])
+        per_destination, n = self.delta_input.numel() * 4, graph.n_destinations
+        self.buffered_from = min((rows.start for *_, rows in graph.destination_groups
+                                  if (n - rows.start) * per_destination <= buffer_bytes), default=n)
+        self.buffer = self.delta_input.new_zeros(n - self.buffered_from, *self.delta_input.shape)
+        self.pending = False                                         # buffered gradients not yet scored
 
     @torch.no_grad()
-    def __call__(self, rows: slice, grads: torch.Tensor) -> None:
-        "Add the scores of destinations `rows` (fed by the same sources) from their gradients `grads` `[k, b, pos, d]`."
+    def _score(self, rows: slice, grads: torch.Tensor) -> None:
+        "Add the scores of destinations `rows` (one group: fed by the same sources) from their gradients `[k, b, pos, d]`."
         grads = grads.to(self.delta.device, torch.float32)        # from the layer's device, under a device map
-        self.input_row += torch.einsum("btd,btd->b", self.delta_input, grads.sum(0))
+        self._input_row += torch.einsum("btd,btd->b", self.delta_input, grads.sum(0))
         n, g = self.n_upstream[rows.start], self.layout.sort(grads)
-        for s, (a, b) in enumerate(self.layout.bounds):
+        for s, (a, b) in enumerate(self.layout.bounds):           # one matrix product per group and span
             if a == b: continue
             self.scores[s, :n, rows] += self.delta[:n, a:b].flatten(1) @ g[:, a:b].flatten(1).T
 
-    def add(self, grads: torch.Tensor) -> None:
-        "Add the scores from every destination's gradients at once, `grads` `[n_destinations, b, pos, d]`."
-        g = self.graph
-        for l in range(g.spec.n_layers):
-            m = g.mlp_destination(l)
-            self(g.attn_destinations(l), grads[g.attn_destinations(l)]); self(slice(m, m + 1), grads[m:m + 1])
-        self(slice(g.n_destinations - 1, None), grads[-1:])
+    @torch.no_grad()
+    def __call__(self, rows: slice, grads: torch.Tensor) -> None:
+        "Take one group's gradients `grads` `[k, b, pos, d]` of destinations `rows`: buffered or scored now."
+        if rows.start < self.buffered_from: return self._score(rows, grads)
+        self.buffer[rows.start - self.buffered_from:rows.stop - self.buffered_from] += grads.to(self.buffer.device)
+        self.pending = True
+
+    def add(self, grads: torch.Tensor, first: int = 0) -> None:
+        "Score gradients of every destination from `first` on at once, `grads` `[n_destinations - first, b, pos, d]`."
+        for *_, rows in self.graph.destination_groups:
+            if rows.start >= first: self._score(rows, grads[rows.start - first:rows.stop - first])
+
+    def _flush(self) -> None:
+        "Score the buffered gradients."
+        if self.pending: self.add(self.buffer, self.buffered_from); self.buffer.zero_(); self.pending = False
 
     @property
     def edge_scores(self) -> torch.Tensor:
         "The scores so far, of `graph.shape`."
+        self._flush()
         return self.scores if self.graph.positional else self.scores[0]
+
+    @property
+    def input_row(self) -> torch.Tensor:
+        "Per pair `[b]`, the sum of the input node's edge scores so far."
+        self._flush()
+        return self._input_row
+
+def edge_scores(graph: Graph, delta: torch.Tensor, grads: torch.Tensor, layout: SpanLayout | None = None) -> torch.Tensor:
+    """Σ over batch, positions (of each span) and d_model of Δz_u · ∂m/∂x_v for every edge, float32, of `graph.shape`.
+    On a positional graph `delta` is sorted by span in place (`layout.sort_`)."""
+    scores = EdgeScoreSum(graph, delta, layout)
+    scores.add(grads)
+    return scores.edge_scores
 
 # %% ../nbs/07_attribute.ipynb #1a4f9919
 METHODS = ("eap", "eap-corrupted", "eap-ig", "eap-ig-activations")
 IG_RULES = ("left", "midpoint", "right")
 COMPLETENESS_TOLERANCE = 0.2     # warn when a pair's input-row sum is off the measured gap by more than this share
 STREAM_ABOVE_BYTES = 2**30       # score pass by pass (`EdgeScoreSum`) when one pass's destination gradients exceed this
+STREAM_BUFFER_BYTES = 2**28      # ... but sum the last layers' gradients up to this size first and score them once
 
 @dataclass
 class Attribution:
@@ -325,6 +334,11 @@ def ig_alphas(ig_steps: int, ig_rule: str = "left") -> list[float]:
     "The interpolation points α_k of EAP-IG: k/m (left Riemann sum), (k + ½)/m (midpoint) or (k + 1)/m (right), k = 0…m−1."
     return [(k + {"left": 0.0, "midpoint": 0.5, "right": 1.0}[ig_rule]) / ig_steps for k in range(ig_steps)]
 
+def _buffer_bytes(stream_scores: bool | None, size: int) -> float:
+    "How many bytes of destination gradients `attribute` sums before scoring, of `size` in all."
+    if stream_scores is None: return size if size <= STREAM_ABOVE_BYTES else STREAM_BUFFER_BYTES
+    return 0 if stream_scores else size
+
 def _graph_for(lm: LoadedModel, spans: str | Graph, batches) -> Graph:
     if isinstance(spans, Graph): return spans
     n_positions = max(c.input_ids.shape[1] for c, _ in batches) if spans == "tokens" else None
@@ -359,10 +373,11 @@ def attribute(lm: LoadedModel, pairs: Sequence, method: str = "eap-ig", ig_steps
     layer, every MLP — interpolated in turn, `(2L + 1) · ig_steps` gradient passes; the reference uses
     `ig_rule="right"`), optionally with GIM.
     `spans`: a span schema (`"none"`, `"roles"`, `"tokens"`) or a ready `Graph`; `metric`: a name of
-    `summcircuit.metrics.METRICS` or a function `(logits, batch, clean_logits) -> [batch]`. `stream_scores`: score
-    each gradient pass as the pull-back makes it (`EdgeScoreSum`) instead of summing the passes' gradients first,
-    which holds `[n_destinations, b, pos, d]` (1.1 GiB for SmolLM2 at 1,024 tokens) but scores once; None
-    streams when that tensor would exceed `STREAM_ABOVE_BYTES`."""
+    `summcircuit.metrics.METRICS` or a function `(logits, batch, clean_logits) -> [batch]`. `stream_scores`: True
+    scores each gradient pass as the pull-back makes it (`EdgeScoreSum`); False sums the passes' gradients first,
+    which holds `[n_destinations, b, pos, d]` (1.1 GiB for SmolLM2 at 1,024 tokens) but scores once; None sums them
+    when that tensor fits in `STREAM_ABOVE_BYTES`, else sums only the last layers' (up to `STREAM_BUFFER_BYTES`,
+    the costliest to score) and streams the rest."""
     _check_options(method, ig_steps, ig_rule)
     check_finite_weights(lm, "attribution")
     metric_fn, gim = get_metric(metric), as_gim(gim)
@@ -383,11 +398,8 @@ def attribute(lm: LoadedModel, pairs: Sequence, method: str = "eap-ig", ig_steps
         delta = z_clean.sub_(z_corr).mul_(clean.attention_mask[None, :, :, None])   # in place: memory stays bounded
         del z_clean, z_corr
         groups_delta = _layer_outputs(graph, delta) if method == "eap-ig-activations" else None
-        scores = EdgeScoreSum(graph, delta, layout)
-        size = graph.n_destinations * delta[0].numel() * 4
-        stream = size > STREAM_ABOVE_BYTES if stream_scores is None else stream_scores
-        buffer = None if stream else torch.zeros(graph.n_destinations, *delta.shape[1:], device=delta.device)
-        kw = dict(metric=metric_fn, clean_logits=logits_clean, **({"absorb": scores} if stream else {"out": buffer}))
+        scores = EdgeScoreSum(graph, delta, layout, _buffer_bytes(stream_scores, graph.n_destinations * delta[0].numel() * 4))
+        kw = dict(metric=metric_fn, clean_logits=logits_clean, absorb=scores)
         if method in ("eap", "eap-corrupted"):
             destination_gradients(lm, clean if method == "eap" else corr, gim, graph, **kw)
         elif method == "eap-ig":
@@ -397,12 +409,11 @@ def attribute(lm: LoadedModel, pairs: Sequence, method: str = "eap-ig", ig_steps
         else:
             _ig_activation_gradients(lm, clean, gim, graph, emb_corr, emb_clean, groups_corr, groups_delta,
                                      ig_alphas(ig_steps, ig_rule), kw, progress)
-        if buffer is not None: scores.add(buffer)    # the passes' summed gradients, scored once
         input_row += scores.input_row.tolist()
         total += scores.edge_scores
         m_clean += mc.tolist()
         m_corr += mk.tolist()
-        del delta, scores, kw, buffer
+        del delta, scores, kw
         gc.collect()
     n = len(m_clean)
     if bad := int((~torch.isfinite(total)).sum()):

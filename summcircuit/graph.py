@@ -116,6 +116,15 @@ class Graph:
         "Columns of layer `l`'s q heads, then k and v key/value heads."
         return slice(l * self.per_layer_destinations, self.mlp_destination(l))
 
+    @cached_property
+    def destination_groups(self) -> list[tuple[str, int | None, slice]]:
+        "The destinations fed by one prefix of sources, in order: `(\"attn\" | \"mlp\" | \"final\", layer, columns)`."
+        groups = []
+        for l in range(self.spec.n_layers):
+            m = self.mlp_destination(l)
+            groups += [("attn", l, self.attn_destinations(l)), ("mlp", l, slice(m, m + 1))]
+        return groups + [("final", None, slice(self.logits_destination, self.n_destinations))]
+
     def n_upstream_attn(self, l: int) -> int:
         "Number of sources (a prefix) that feed layer `l`'s attention."
         return 1 + l * self.per_layer_sources

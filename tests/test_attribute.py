@@ -5,6 +5,7 @@ from scipy.stats import spearmanr
 
 from conftest import corrupted_copy, padded_batch
 from reference_forward import reference_forward, upstream_sources
+import summcircuit.attribute
 from summcircuit.attribute import GIM, attribute, destination_gradients
 from summcircuit.data import summary_logprob
 from summcircuit.graph import Graph, run_with_patched_edges
@@ -61,11 +62,24 @@ def test_destination_gradients_match_autograd(lm):
     assert ref[:, keep].abs().max() > 1e-3          # gradients are not trivially zero
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_eap_matches_reference(lm, stream):
+SCORING = ["summed", "streamed", "partly"]
+
+def scoring_mode(mode: str, lm, batch, monkeypatch) -> bool | None:
+    """`attribute`'s `stream_scores` for `mode`: the summed gradient tensor scored once, every pass scored as the
+    pull-back makes it, or (automatic, with the budget set to half the destinations) the last half summed."""
+    if mode != "partly": return mode == "streamed"
+    per_destination = batch.input_ids.numel() * lm.spec.d_model * 4
+    monkeypatch.setattr(summcircuit.attribute, "STREAM_ABOVE_BYTES", 0)
+    monkeypatch.setattr(summcircuit.attribute, "STREAM_BUFFER_BYTES", Graph(lm.spec).n_destinations // 2 * per_destination)
+    return None
+
+
+@pytest.mark.parametrize("mode", SCORING)
+def test_eap_matches_reference(lm, mode, monkeypatch):
     """EAP takes its gradient at the clean run (Syed et al.; the reference implementation); 'eap-corrupted' at the
-    corrupted. Scores made as the pull-back goes (`stream_scores=True`) or from the whole gradient tensor alike."""
+    corrupted. Scores made as the pull-back goes, from the whole gradient tensor, or partly each way alike."""
     clean = padded_batch(lm)
+    stream = scoring_mode(mode, lm, clean, monkeypatch)
     corr = corrupted_copy(clean, 0, 30)
     ours = attribute(lm, [(clean, corr)], "eap", progress=False, stream_scores=stream)
     ref = reference_eap(lm, clean, corr)
@@ -228,10 +242,11 @@ def reference_ig_activations(lm, clean, corr, steps):
     return scores
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_eap_ig_activations_matches_reference(lm, stream):
+@pytest.mark.parametrize("mode", SCORING)
+def test_eap_ig_activations_matches_reference(lm, mode, monkeypatch):
     "EAP-IG-activations against the hand-written definition on the plain-torch forward, and unlike EAP-IG."
     clean = padded_batch(lm)
+    stream = scoring_mode(mode, lm, clean, monkeypatch)
     corr = corrupted_copy(clean, 0, 30)
     ours = attribute(lm, [(clean, corr)], "eap-ig-activations", ig_steps=2, ig_rule="right", progress=False,
                      stream_scores=stream)
