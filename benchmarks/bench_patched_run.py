@@ -48,13 +48,13 @@ def main():
     masks["all_but_one"] = all_but_one
     plain = lambda: lm.hf(clean.input_ids, attention_mask=clean.attention_mask)
     with torch.no_grad():
-        plain(); run_with_patched_edges(lm, clean, corr, masks["all_but_one"], graph, run)   # warm-up
+        plain(); run_with_patched_edges(lm, clean, corr, masks["all_but_one"], graph, corrupted_run=run)   # warm-up
         rows = []
         for r in range(a.repeats):
             row = {"plain_forward": timed(plain)}
-            for name, m in masks.items(): row[name] = timed(lambda: run_with_patched_edges(lm, clean, corr, m, graph, run))
-            row["all_but_one_clean_cached"] = timed(lambda: run_with_patched_edges(lm, clean, corr, all_but_one, graph, run,
-                                                                                   clean_run))
+            for name, m in masks.items(): row[name] = timed(lambda: run_with_patched_edges(lm, clean, corr, m, graph, corrupted_run=run))
+            row["all_but_one_clean_cached"] = timed(lambda: run_with_patched_edges(lm, clean, corr, all_but_one, graph, corrupted_run=run,
+                                                                                   clean_run=clean_run))
             rows.append(row)
             print(f"repeat {r}: " + ", ".join(f"{k} {v:.2f} s" for k, v in row.items()))
     ratios = {name: [row[name] / row["plain_forward"] for row in rows] for name in [*masks, "all_but_one_clean_cached"]}

@@ -42,8 +42,8 @@ def main():
     kw = dict(method="eap-ig", ig_steps=a.ig_steps, batch_size=len(pairs), progress=False)
     calls = {"eap_ig_span_free": lambda: attribute(lm, pairs, spans="none", **kw),
              "eap_ig_roles": lambda: attribute(lm, pairs, spans="roles", **kw),
-             "patched_span_free": lambda: run_with_patched_edges(lm, clean, corr, mask_free, free, run_free),
-             "patched_roles": lambda: run_with_patched_edges(lm, clean, corr, mask_pos, pos, run_pos)}
+             "patched_span_free": lambda: run_with_patched_edges(lm, clean, corr, mask_free, free, corrupted_run=run_free),
+             "patched_roles": lambda: run_with_patched_edges(lm, clean, corr, mask_pos, pos, corrupted_run=run_pos)}
     calls["patched_span_free"](); calls["patched_roles"]()            # warm-up
     rows = []
     for r in range(a.repeats):

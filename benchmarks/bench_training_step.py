@@ -1,6 +1,6 @@
 """Step time of full fine-tuning vs LoRA on the embedded SmolLM2-135M, plus the no-grad validation forward and
 batched greedy generation, at several source-token budgets. Used to size the CPU defaults of
-`summcircuit.finetune.TrainingConfig`.
+`summcircuit.finetune.TrainingConfig`, `summcircuit.evaluate.RougeConfig` and `summcircuit.lora.BakeoffConfig`.
 
 CPU timings here swing several-fold with the load of other processes, so the compared steps are interleaved
 (full, LoRA, eval, for each length, then the next repeat) and the report gives min and median seconds and the

@@ -195,10 +195,11 @@ def logits_with_gim(lm: LoadedModel, batch: Batch, gim: GIM) -> torch.Tensor:
 # %% ../nbs/07_attribute.ipynb #c96c5ece
 class EdgeScoreSum:
     """Edge scores of destination gradients that arrive a group at a time (`Graph.destination_groups`), pass after
-    pass, summed: the scores of the summed gradients. The last destinations' gradients, up to `buffer_bytes`, are
-    summed first and scored once (they read the most sources: scoring them costs the most); the others are scored as
-    they arrive, so their gradients are never held. Also each pair's input-row sum (completeness).
-    `delta` `[n_sources, b, pos, d]` is sorted by span in place."""
+    pass, summed: the scores of the summed gradients. A layer's groups (its q/k/v heads and its MLP) are scored
+    together, one matrix product over the longest source prefix they read (one read of `delta` per layer). The last
+    layers' gradients, up to `buffer_bytes`, are summed first and scored once (they read the most sources: scoring
+    them costs the most); the others are scored as they arrive, so their gradients are never held. Also each pair's
+    input-row sum (completeness). `delta` `[n_sources, b, pos, d]` is sorted by span in place."""
     def __init__(self, graph: Graph, delta: torch.Tensor, layout: SpanLayout | None = None, buffer_bytes: float = 0):
         if graph.positional and layout is None: raise ValueError("A positional graph's scores need the batch's SpanLayout.")
         self.graph, self.n_upstream = graph, graph.n_upstream.tolist()
@@ -207,33 +208,41 @@ class EdgeScoreSum:
         self.delta = self.layout.sort_(delta).float()                # [n_sources, b * pos, d] in span order
         self.scores = self.delta.new_zeros(graph.n_spans, graph.n_sources, graph.n_destinations)
         self._input_row = self.delta.new_zeros(delta.shape[1])
+        self.units = [[rows for w, l, rows in graph.destination_groups if l == layer]    # a layer's groups, then the logits
+                      for layer in [*range(graph.spec.n_layers), None]]
         per_destination, n = self.delta_input.numel() * 4, graph.n_destinations
-        self.buffered_from = min((rows.start for *_, rows in graph.destination_groups
-                                  if (n - rows.start) * per_destination <= buffer_bytes), default=n)
+        self.buffered_from = min((u[0].start for u in self.units if (n - u[0].start) * per_destination <= buffer_bytes), default=n)
         self.buffer = self.delta_input.new_zeros(n - self.buffered_from, *self.delta_input.shape)
-        self.pending = False                                         # buffered gradients not yet scored
+        self.pending, self.waiting = False, []          # buffered gradients not yet scored; a layer's groups so far
 
     @torch.no_grad()
-    def _score(self, rows: slice, grads: torch.Tensor) -> None:
-        "Add the scores of destinations `rows` (one group: fed by the same sources) from their gradients `[k, b, pos, d]`."
-        grads = grads.to(self.delta.device, torch.float32)        # from the layer's device, under a device map
+    def _score(self, unit: list[tuple[slice, torch.Tensor]]) -> None:
+        "Add the scores of one layer's groups `(rows, grads [k, b, pos, d])` from one product over their longest prefix."
+        grads = torch.cat([g for _, g in unit]).to(self.delta.device, torch.float32)   # from the layer's device, under a device map
         self._input_row += torch.einsum("btd,btd->b", self.delta_input, grads.sum(0))
-        n, g = self.n_upstream[rows.start], self.layout.sort(grads)
-        for s, (a, b) in enumerate(self.layout.bounds):           # one matrix product per group and span
+        n, g = max(self.n_upstream[rows.start] for rows, _ in unit), self.layout.sort(grads)
+        for s, (a, b) in enumerate(self.layout.bounds):
             if a == b: continue
-            self.scores[s, :n, rows] += self.delta[:n, a:b].flatten(1) @ g[:, a:b].flatten(1).T
+            product, col = self.delta[:n, a:b].flatten(1) @ g[:, a:b].flatten(1).T, 0     # [n, k]
+            for rows, _ in unit:                       # each group's own prefix of the product
+                k, m = rows.stop - rows.start, self.n_upstream[rows.start]
+                self.scores[s, :m, rows] += product[:m, col:col + k]
+                col += k
 
     @torch.no_grad()
     def __call__(self, rows: slice, grads: torch.Tensor) -> None:
-        "Take one group's gradients `grads` `[k, b, pos, d]` of destinations `rows`: buffered or scored now."
-        if rows.start < self.buffered_from: return self._score(rows, grads)
-        self.buffer[rows.start - self.buffered_from:rows.stop - self.buffered_from] += grads.to(self.buffer.device)
-        self.pending = True
+        "Take one group's gradients `grads` `[k, b, pos, d]` of destinations `rows`: buffered, or scored with its layer's."
+        if rows.start >= self.buffered_from:
+            self.buffer[rows.start - self.buffered_from:rows.stop - self.buffered_from] += grads.to(self.buffer.device)
+            self.pending = True
+            return
+        self.waiting.append((rows, grads))
+        if any(rows == unit[-1] for unit in self.units): self._score(self.waiting); self.waiting = []
 
     def add(self, grads: torch.Tensor, first: int = 0) -> None:
         "Score gradients of every destination from `first` on at once, `grads` `[n_destinations - first, b, pos, d]`."
-        for *_, rows in self.graph.destination_groups:
-            if rows.start >= first: self._score(rows, grads[rows.start - first:rows.stop - first])
+        for unit in self.units:
+            if unit[0].start >= first: self._score([(r, grads[r.start - first:r.stop - first]) for r in unit])
 
     def _flush(self) -> None:
         "Score the buffered gradients."
@@ -263,7 +272,8 @@ METHODS = ("eap", "eap-corrupted", "eap-ig", "eap-ig-activations")
 IG_RULES = ("left", "midpoint", "right")
 COMPLETENESS_TOLERANCE = 0.2     # warn when a pair's input-row sum is off the measured gap by more than this share
 STREAM_ABOVE_BYTES = 2**30       # score pass by pass (`EdgeScoreSum`) when one pass's destination gradients exceed this
-STREAM_BUFFER_BYTES = 2**28      # ... but sum the last layers' gradients up to this size first and score them once
+STREAM_BUFFER_BYTES = 0          # ... summing the last layers' up to this size first; 0: none (256 MiB measured 5-10% faster
+                                 # at 1,052 tokens but peaked at 6.1 GiB, over the 6 GiB this is held to: eap_ig_versions.json)
 
 @dataclass
 class Attribution:
@@ -363,21 +373,27 @@ def _ig_activation_gradients(lm: LoadedModel, clean: Batch, gim: GIM, graph: Gra
         for a in alphas:
             destination_gradients(lm, clean, gim, graph, weight=weight, replace=(where, l, c + a * delta[where, l]), **kw)
 
-def attribute(lm: LoadedModel, pairs: Sequence, method: str = "eap-ig", ig_steps: int = 5,
-              gim: GIM | bool | None = None, batch_size: int = 1, progress: bool = True, *,
-              spans: str | Graph = "none", metric: str | Callable = "summary_logprob",
-              ig_rule: str = "left", stream_scores: bool | None = None) -> Attribution:
+def attribute(lm: LoadedModel,                          # the model (`load_model`)
+              pairs: Sequence,                          # clean/corrupted pairs: `(clean, corrupted)` prompts or `Pair`s
+              method: str = "eap-ig",                   # one of `METHODS`
+              *,
+              ig_steps: int = 5,                        # EAP-IG's interpolation points
+              gim: GIM | bool | None = None,            # GIM's backward changes: `True` all, a `GIM` some, None none
+              batch_size: int = 1,                      # pairs per forward/backward pass
+              progress: bool = True,                    # a progress bar over the batches
+              spans: str | Graph = "none",              # a span schema (`"none"`, `"roles"`, `"tokens"`) or a `Graph`
+              metric: str | Callable = "summary_logprob",   # a name of `METRICS` or `(logits, batch, clean_logits) -> [b]`
+              ig_rule: str = "left",                    # where in each step EAP-IG takes its point (`IG_RULES`)
+              stream_scores: bool | None = None,        # score each pass as it comes (True), sum first (False), auto
+             ) -> Attribution:
     """Score every edge of `lm`'s graph on clean/corrupted `pairs` with EAP (gradient at the clean run),
     `"eap-corrupted"` (at the corrupted run), EAP-IG (`ig_steps` points by `ig_rule` between the corrupted and
     clean inputs) or `"eap-ig-activations"` (Hanna et al. 2024: each node group — the input, every attention
     layer, every MLP — interpolated in turn, `(2L + 1) · ig_steps` gradient passes; the reference uses
-    `ig_rule="right"`), optionally with GIM.
-    `spans`: a span schema (`"none"`, `"roles"`, `"tokens"`) or a ready `Graph`; `metric`: a name of
-    `summcircuit.metrics.METRICS` or a function `(logits, batch, clean_logits) -> [batch]`. `stream_scores`: True
-    scores each gradient pass as the pull-back makes it (`EdgeScoreSum`); False sums the passes' gradients first,
-    which holds `[n_destinations, b, pos, d]` (1.1 GiB for SmolLM2 at 1,024 tokens) but scores once; None sums them
-    when that tensor fits in `STREAM_ABOVE_BYTES`, else sums only the last layers' (up to `STREAM_BUFFER_BYTES`,
-    the costliest to score) and streams the rest."""
+    `ig_rule="right"`), optionally with GIM. `stream_scores=True` scores each gradient pass as the pull-back makes it
+    (`EdgeScoreSum`); False sums the passes' gradients first, which holds `[n_destinations, b, pos, d]` (1.1 GiB for
+    SmolLM2 at 1,024 tokens) but scores once; None sums them when that tensor fits in `STREAM_ABOVE_BYTES`, else
+    sums only the last layers' (up to `STREAM_BUFFER_BYTES`, the costliest to score) and streams the rest."""
     _check_options(method, ig_steps, ig_rule)
     check_finite_weights(lm, "attribution")
     metric_fn, gim = get_metric(metric), as_gim(gim)

@@ -4,18 +4,19 @@
 
 # %% ../nbs/08_circuits.ipynb #19438bbe
 from __future__ import annotations
-import math, random
-from dataclasses import dataclass, field, replace
+import math, random, re
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 from scipy import stats
 from tqdm.auto import tqdm
 
 from .attribute import Attribution, attribute, load_attribution
-from .core import load_json, load_tensors, save_json, save_tensors
+from .core import Run, load_json, load_tensors, save_json, save_tensors
 from .corrupt import pair_batches
 from .data import Batch, logits_window
 from .evaluate import bootstrap
@@ -29,7 +30,7 @@ __all__ = ['FRACTIONS', 'read_by', 'readers', 'prune', 'top_n_circuit', 'greedy_
            'faithfulness_interval', 'area', 'random_circuit', 'FaithfulnessCurve', 'faithfulness_curve', 'jaccard',
            'split_halves', 'split_documents', 'robustness', 'edge_effects', 'sample_edges', 'exact_agreement',
            'circuit_nodes', 'compare_circuits', 'layer_profile', 'plot_circuit', 'plot_faithfulness', 'plot_layer_mass',
-           'save_circuit', 'load_circuit_snapshots', 'evolution_table', 'plot_evolution']
+           'CircuitRecord', 'save_circuit', 'load_circuit_snapshots', 'evolution_table', 'plot_evolution']
 
 # %% ../nbs/08_circuits.ipynb #c4f87c2b
 def _ownership(graph: Graph, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -122,8 +123,8 @@ def circuit_metrics(lm: LoadedModel, batches: Sequence[PatchBatch], circuit: tor
     "The metric of every pair with every edge outside `circuit` patched to its corrupted value."
     metric_fn, out = get_metric(metric), []
     for b in batches:
-        logits = run_with_patched_edges(lm, b.clean, b.corrupted, circuit, graph, b.corrupted_run, b.clean_run,
-                                        logits_to_keep=logits_window(b.clean))
+        logits = run_with_patched_edges(lm, b.clean, b.corrupted, circuit, graph, corrupted_run=b.corrupted_run,
+                                        clean_run=b.clean_run, logits_to_keep=logits_window(b.clean))
         out += metric_fn(logits, b.clean.to(logits.device), b.clean_logits).tolist()
     if not all(map(math.isfinite, out)):
         raise ValueError(f"The metric is not finite on {sum(not math.isfinite(x) for x in out)} pairs: NaN weights or a "
@@ -433,8 +434,44 @@ def plot_layer_mass(scores: torch.Tensor, graph: Graph, ax=None):
     return ax
 
 # %% ../nbs/08_circuits.ipynb #5957af4a
+@dataclass
+class CircuitRecord:
+    "What the circuits stage saves for one checkpoint (`circuit.json`; the scores and the mask lie beside it)."
+    step: int
+    n_edges: int = 0
+    nodes: list[str] = field(default_factory=list)                  # source nodes (`@span` on a positional graph)
+    edges: list = field(default_factory=list)                       # (name, score) of each edge
+    layer_profile: list[float] = field(default_factory=list)        # share of |score| per layer; entry 0 the input
+    summary: dict[str, Any] = field(default_factory=dict)           # faithfulness headline: CPR, CMD, area_random
+    faithfulness: dict[str, Any] = field(default_factory=dict)      # the curves, by circuit kind
+    setups: list[dict] = field(default_factory=list)                # the set-up comparison's rows
+    exact: dict[str, Any] = field(default_factory=dict)             # exact patching against the estimate
+    robustness: dict[str, Any] = field(default_factory=dict)
+    completeness: list[float] = field(default_factory=list)         # EAP-IG's per pair
+    parameters: dict[str, Any] = field(default_factory=dict)        # how the stage ran
+    FILE: ClassVar[str] = "circuit.json"
+
+    def heads(self) -> list[tuple[int, int]]:
+        "The attention heads among the nodes, `(layer, head)`, once each (a positional circuit names a head per span)."
+        return sorted({(int(m[1]), int(m[2])) for n in self.nodes if (m := re.fullmatch(r"a(\d+)\.h(\d+)(?: @\S+)?", n))})
+
+    def top_layers(self, k: int) -> list[int]:
+        "The `k` layers that hold the most of the circuit's |score| (ties: the earlier layer)."
+        return sorted(np.argsort(-np.asarray(self.layer_profile[1:]), kind="stable")[:k].tolist())
+
+    def save(self, folder: str | Path) -> Path:
+        "Write `circuit.json` into `folder` (atomically)."
+        return save_json(Path(folder) / self.FILE, asdict(self))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "CircuitRecord":
+        "Read what `save` wrote into `folder`."
+        path = Path(folder) / cls.FILE
+        if not path.exists(): raise FileNotFoundError(f"{path} does not exist: run the circuits stage for this checkpoint first.")
+        return cls(**load_json(path))
+
 def save_circuit(folder: str | Path, att: Attribution, circuit: torch.Tensor, step: int, **results) -> Path:
-    "Write scores, the circuit mask and a JSON summary (node and edge names, `results`) into `folder`."
+    "Write scores, the circuit mask and its `CircuitRecord` (node and edge names, `results`: its other fields) into `folder`."
     folder = Path(folder)
     att.save(folder)
     save_tensors(folder / "circuit.safetensors", {"circuit": circuit})
@@ -442,8 +479,18 @@ def save_circuit(folder: str | Path, att: Attribution, circuit: torch.Tensor, st
     nodes = [g.source_names[i[-1]] + (f" @{g.spans[i[0]]}" if g.positional else "")
              for i in circuit_nodes(circuit, g).nonzero().tolist()]
     edges = [(g.edge_name(*i), float(att.scores[tuple(i)])) for i in circuit.nonzero().tolist()]
-    return save_json(folder / "circuit.json", {"step": step, "n_edges": len(edges), "nodes": nodes, "edges": edges,
-                                               "layer_profile": layer_profile(circuit, att.scores, g), **results})
+    return CircuitRecord(step, len(edges), nodes, edges, layer_profile(circuit, att.scores, g), **results).save(folder)
+
+@patch
+def circuit(self: Run, step: int | None = None) -> CircuitRecord:
+    "The circuit of the run's last circuits job (or of checkpoint `step`); only from a finished job."
+    return CircuitRecord.load(self.finished_job("circuits", step).folder)
+
+@patch
+def circuits(self: Run) -> dict[int, CircuitRecord]:
+    "The circuit of every finished circuits job of the run that saved one, by checkpoint step."
+    return {j.step: CircuitRecord.load(j.folder) for j in self.stage_jobs("circuits", finished=True)
+            if (j.folder / CircuitRecord.FILE).exists()}
 
 def load_circuit_snapshots(circuits_folder: str | Path, graph: Graph,
                            steps: Sequence[int] | None = None) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -451,17 +498,18 @@ def load_circuit_snapshots(circuits_folder: str | Path, graph: Graph,
     under `circuits_folder`, for hand runs), sorted by step. A listed step without its circuit is an error."""
     out = []
     if steps is not None:
-        if missing := [s for s in steps if not (Path(circuits_folder) / f"step-{s}" / "circuit.json").exists()]:
+        if missing := [s for s in steps if not (Path(circuits_folder) / f"step-{s}" / CircuitRecord.FILE).exists()]:
             raise FileNotFoundError(f"No circuit of steps {missing} under {circuits_folder}: their circuits jobs did not finish.")
     folders = sorted(Path(circuits_folder).glob("step-*")) if steps is None else [Path(circuits_folder) / f"step-{s}" for s in steps]
     for f in folders:
-        if not (f / "circuit.json").exists(): continue
+        if not (f / CircuitRecord.FILE).exists(): continue
         c = load_tensors(f / "circuit.safetensors")["circuit"]
         if tuple(c.shape) != graph.shape: raise ValueError(f"{f} holds a circuit of another graph {tuple(c.shape)}, not {graph.shape}.")
-        out.append((load_json(f / "circuit.json")["step"], c, load_attribution(f, graph.spec).scores))
+        out.append((CircuitRecord.load(f).step, c, load_attribution(f, graph.spec).scores))
     if not out: raise FileNotFoundError(f"No circuits under {circuits_folder}: run the circuits stage for each checkpoint first.")
     return sorted(out, key=lambda t: t[0])
 
+# %% ../nbs/08_circuits.ipynb #7d00bfaf
 def evolution_table(snapshots: Sequence[tuple[int, torch.Tensor, torch.Tensor]], graph: Graph):
     "Comparisons between consecutive checkpoints and of each checkpoint against the final one."
     import pandas as pd

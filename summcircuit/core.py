@@ -257,6 +257,23 @@ class Run:
         "The jobs of `stage` this run records, in pipeline order (`finished`: only those whose results are this run's)."
         return recorded_jobs(self.folder, stage, finished)
 
+    def finished_job(self, stage: str, step: int | None = None) -> RecordedJob:
+        "The last recorded job of `stage` (of checkpoint `step`, if given); it must have finished, else the error says what to rerun."
+        jobs = [j for j in self.stage_jobs(stage) if step is None or j.step == step]
+        at = "" if step is None else f" of step {step}"
+        if not jobs:
+            raise FileNotFoundError(f"Run '{self.name}' ({self.folder}) records no {stage} job{at}: run the stage "
+                                    f"(`summcircuit run --config <its config>`; it may be switched off there).")
+        j = jobs[-1]
+        if not j.finished:
+            raise ValueError(f"The job {j.job} of run '{self.name}' {j.status}" + (f" ({j.reason.splitlines()[0]})" if j.reason else "")
+                             + ": its results are not read; rerun it (`summcircuit run` resumes the run).")
+        return j
+
+    def finished_steps(self, stage: str) -> list[int | None]:
+        "The checkpoint steps of the jobs of `stage` that finished, in pipeline order."
+        return [j.step for j in self.stage_jobs(stage, finished=True)]
+
     def executed_jobs(self) -> list[dict[str, Any]]:
         "Jobs whose executed notebook exists (ran, cached or failed), in pipeline order."
         return [j for j in self.jobs if j.get("executed") and self.path(j["executed"]).exists()]

@@ -5,16 +5,17 @@
 # %% ../nbs/05_diff.ipynb #44967890
 from __future__ import annotations
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 from tqdm.auto import tqdm
 
-from .core import atomic_path, load_tensors, save_tensors
+from .core import Run, atomic_path, load_json, load_tensors, save_json, save_tensors
 from .data import Batch, Prompt, build_prompt, collate, load_examples, logits_window
 from .evaluate import bootstrap
 from .metrics import check_finite_metric, get_metric
@@ -24,7 +25,8 @@ from .models import LoadedModel, check_finite_weights, load_model
 __all__ = ['head_entropy', 'attention_kl', 'hidden_cosine', 'layer_entropies', 'read_internals', 'DiffResult',
            'bootstrap_share_below_zero', 'check_comparable', 'differential_analysis', 'head_outputs',
            'mean_head_outputs', 'run_with_head_outputs', 'AblationComparison', 'layer_mask', 'head_mask_of',
-           'random_draws', 'causal_check', 'save_figure', 'plot_head_maps', 'plot_layer_profiles', 'plot_ablations']
+           'random_draws', 'causal_check', 'save_figure', 'plot_head_maps', 'plot_layer_profiles', 'plot_ablations',
+           'DiffFindings']
 
 # %% ../nbs/05_diff.ipynb #7d037566
 def _query_mask(attention_mask: torch.Tensor | None, b: int, T: int, device) -> torch.Tensor:
@@ -443,3 +445,64 @@ def plot_ablations(comparisons: Sequence[AblationComparison], path: str | Path |
     ax.set(title="drop of the task metric, m(clean) − m(intervened)", ylabel="metric drop (nats/token)", xlabel="")
     fig.tight_layout(); save_figure(fig, path)
     return fig
+
+# %% ../nbs/05_diff.ipynb #9ebdebc2
+@dataclass
+class DiffFindings:
+    "The differential-analysis stage's result (`results.json` in its folder): headline numbers, causal check, how made."
+    summary: dict[str, Any]                                          # `DiffResult.summary`
+    causal: list[AblationComparison] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+    timing: dict[str, Any] = field(default_factory=dict)
+    key: str = ""                                                    # the stage's cache key
+    FILE: ClassVar[str] = "results.json"
+
+    @property
+    def critical_layers(self) -> list[int]: return [int(l) for l in self.summary.get("critical_layers", [])]
+    @property
+    def layer_kl(self) -> list[float]: return list(self.summary.get("layer_kl") or [])
+    @property
+    def layer_cosine(self) -> list[float]: return list(self.summary.get("layer_cosine") or [])
+
+    def entropy_share(self, kind: str = "raw") -> tuple[float, float, float] | None:
+        "Share of heads whose attention entropy (`raw` or `normalized`) dropped, with its bootstrap 95% interval."
+        s = self.summary.get("share_heads_lower_entropy", {}).get(kind)
+        return (s["share"], s["ci_low"], s["ci_high"]) if s else None
+
+    def causal_rows(self) -> list[dict[str, Any]]:
+        "The causal check, a row per ablation: target, mode, drop (absolute and normalized), percentile, p-value."
+        keep = ("target_kind", "mode", "target", "drop", "normalized_drop", "percentile", "p_value")
+        return [{k: c.as_dict()[k] for k in keep} for c in self.causal]
+
+    def save(self, folder: str | Path) -> Path:
+        "Write `results.json` into `folder` (atomically)."
+        return save_json(Path(folder) / self.FILE, {"key": self.key, "params": self.params, "diff": self.summary,
+                                                    "causal": [c.as_dict() for c in self.causal], "timing": self.timing})
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "DiffFindings":
+        "Read what `save` wrote into `folder`."
+        path = Path(folder) / cls.FILE
+        if not path.exists(): raise FileNotFoundError(f"{path} does not exist: run the differential analysis (the diff stage) first.")
+        d = load_json(path)
+        fields = AblationComparison.__dataclass_fields__
+        causal = [AblationComparison(**{k: v for k, v in c.items() if k in fields}) for c in d.get("causal", [])]
+        return cls(d.get("diff", {}), causal, d.get("params", {}), d.get("timing", {}), d.get("key", ""))
+
+# %% ../nbs/05_diff.ipynb #f13455b0
+@patch
+def diff(self: Run, step: int | None = None) -> DiffFindings:
+    """The run's differential analysis: base vs final (`step=None`: the `diff` job), or base vs checkpoint `step`
+    (a `diff_checkpoints` job, or the `diff` job when `step` is its checkpoint); only from a finished job."""
+    if step is None or step in self.finished_steps("diff"): return DiffFindings.load(self.finished_job("diff").folder)
+    return DiffFindings.load(self.finished_job("diff_checkpoints", step).folder / "diff")
+
+@patch
+def diffs(self: Run) -> dict[int, DiffFindings]:
+    """Every finished differential analysis of the run that saved its findings, by checkpoint step: base vs each
+    checkpoint and base vs final (under -1 when its step is not recorded)."""
+    out = {s: DiffFindings.load(f) for s, f in
+           [(j.step, j.folder / "diff") for j in self.stage_jobs("diff_checkpoints", finished=True)] +
+           [(-1 if j.step is None else j.step, j.folder) for j in self.stage_jobs("diff", finished=True)[-1:]]
+           if (f / DiffFindings.FILE).exists()}
+    return dict(sorted(out.items()))

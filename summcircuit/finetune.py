@@ -7,7 +7,7 @@ from __future__ import annotations
 import math, os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
@@ -18,20 +18,19 @@ from .models import WEIGHT_FILES, ArchSpec, LoadedModel, load_model
 
 # %% auto #0
 __all__ = ['INDEX_NAME', 'PARAMS_NAME', 'FINETUNE_COMMAND', 'TrainingConfig', 'training_prompts', 'PromptDataset',
-           'SummaryCollator', 'training_arguments', 'Checkpoint', 'load_checkpoints', 'CheckpointIndex',
-           'TrainingDiverged', 'StopOnNonFinite', 'FinetuneRun', 'world_size', 'is_lead_process', 'process_device',
-           'finetune', 'finetune_stage', 'plot_loss_curve']
+           'SummaryCollator', 'OptimizerSettings', 'training_arguments', 'Checkpoint', 'load_checkpoints',
+           'CheckpointIndex', 'TrainingDiverged', 'StopOnNonFinite', 'FinetuneRun', 'world_size', 'is_lead_process',
+           'process_device', 'finetune', 'finetune_stage', 'plot_loss_curve']
 
 # %% ../nbs/03_finetune.ipynb #5fbbd68b
 @dataclass
 class TrainingConfig:
-    "Sizes and optimization settings of fine-tuning, ROUGE evaluation and the LoRA bake-off (CPU-sized defaults)."
+    "Sizes and optimization settings of full fine-tuning (CPU-sized defaults; the paper's beside them)."
     # -- data ------------------------------------------------------------------------------------------
     max_source_tokens: int = 160         # source budget, whole sentences (paper: GPT-2's 1024-token context)
     n_train: int | None = 100            # training documents; None = the whole split (ACLSum train: 100)
     n_val: int = 12                      # validation documents for the validation loss (ACLSum val: 50)
-    n_eval: int = 100                    # held-out test documents for ROUGE (ACLSum test: 100; seed-004 repo: 500)
-    # -- full fine-tuning (AdamW) ----------------------------------------------------------------------
+    # -- AdamW and its schedule ------------------------------------------------------------------------
     learning_rate: float = 1e-4          # paper: 3e-5
     weight_decay: float = 0.01           # paper: 0.01
     batch_size: int = 4                  # paper: 32
@@ -41,27 +40,12 @@ class TrainingConfig:
     warmup_steps: int = 2
     max_grad_norm: float = 1.0
     checkpoint_every: int = 8            # steps between checkpoints (the base model is checkpoint 0)
-    # -- generation for ROUGE --------------------------------------------------------------------------
-    max_new_tokens: int = 48             # ACLSum outcome summaries: median 28, max 47 SmolLM2 tokens
-    gen_batch_size: int = 32             # on 2 CPU cores, 32 documents a batch generate 20% faster than 8
-    # -- LoRA bake-off (same rank, data, budget, learning rate and early stopping for every variant) ----
-    lora_rank: int = 8                   # paper: 8
-    lora_alpha: int = 512                # update scale alpha / rank = 64 (common: 2): sized for a 32-step budget
-    lora_modules: tuple[str, ...] = ("q", "v")   # paper: query and value projections
-    bakeoff_learning_rate: float = 3e-4  # paper: 5e-5 for LoRA (full fine-tuning 3e-5); one rate for all variants
-    bakeoff_batch_size: int = 4          # paper: 16
-    bakeoff_max_steps: int = 32          # step budget of every variant (paper: 10 epochs standard, ~6 targeted)
-    eval_every: int = 8                  # steps between validation-loss evaluations
-    patience: int = 2                    # early stopping: evaluations without improvement before stopping
-    n_bakeoff_layers: int = 3            # layers of targeted / random LoRA (paper: 3, layers 2, 3, 5)
 
     @classmethod
     def paper(cls) -> "TrainingConfig":
-        "The settings of Mishra 2025 (GPT-2, CNN/DailyMail): full data, 10 epochs, batch 32, lr 3e-5; LoRA lr 5e-5, batch 16 (alpha not stated: 2 x rank)."
-        return cls(max_source_tokens=900, n_train=None, n_val=500, n_eval=500, learning_rate=3e-5, batch_size=32,
-                   epochs=10, max_steps=None, warmup_steps=0, checkpoint_every=1000, max_new_tokens=100,
-                   bakeoff_learning_rate=5e-5, bakeoff_batch_size=16, bakeoff_max_steps=10 * 287113 // 16, lora_alpha=16,
-                   eval_every=287113 // 16)
+        "The settings of Mishra 2025 (GPT-2, CNN/DailyMail): full data, 10 epochs, batch 32, lr 3e-5."
+        return cls(max_source_tokens=900, n_train=None, n_val=500, learning_rate=3e-5, batch_size=32, epochs=10,
+                   max_steps=None, warmup_steps=0, checkpoint_every=1000)
 
     def total_steps(self, n_train: int) -> int:
         "Optimizer steps of full fine-tuning on `n_train` documents (`max_steps`, else `epochs` over the data)."
@@ -97,7 +81,14 @@ class SummaryCollator:
                 "labels": b.input_ids.masked_fill(~b.target_mask, -100)}
 
 # %% ../nbs/03_finetune.ipynb #978ad3ca
-def training_arguments(cfg: TrainingConfig, output_dir: str | Path, *, max_steps: int, learning_rate: float,
+class OptimizerSettings(Protocol):
+    "What `training_arguments` reads of a configuration: `TrainingConfig` has it, and so has the bake-off's `BakeoffConfig`."
+    weight_decay: float
+    grad_accum: int
+    warmup_steps: int
+    max_grad_norm: float
+
+def training_arguments(cfg: OptimizerSettings, output_dir: str | Path, *, max_steps: int, learning_rate: float,
                        batch_size: int, eval_steps: int, save_steps: int | None, seed: int = 0,
                        device: torch.device | str = "cpu", progress: bool = True, **overrides) -> TrainingArguments:
     "HF `TrainingArguments`: AdamW with weight decay, linear warm-up and decay, loss logged every step."
@@ -116,7 +107,7 @@ def training_arguments(cfg: TrainingConfig, output_dir: str | Path, *, max_steps
 # %% ../nbs/03_finetune.ipynb #b0532993
 INDEX_NAME = "checkpoints.json"
 PARAMS_NAME = "params.json"
-FINETUNE_COMMAND = ("papermill nbs/03_finetune.ipynb runs/{name}/03_finetune.ipynb -p run_name {name} "
+FINETUNE_COMMAND = ("papermill nbs/stages/finetune.ipynb runs/{name}/finetune.ipynb -p run_name {name} "
                     "-p model smollm2-135m")
 
 @dataclass

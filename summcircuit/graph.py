@@ -283,8 +283,13 @@ def check_context(spec: ArchSpec, batch: Batch) -> None:
                      f"model's context of {spec.n_ctx}; build prompts with build_prompt(..., max_length=lm.spec.n_ctx) "
                      "and lower max_source_tokens.")
 
-def node_outputs(lm: LoadedModel, batch: Batch, return_logits: bool = False, return_qkv: bool = False,
-                 logits_to_keep: int | None = None):
+def node_outputs(lm: LoadedModel,                   # the model (`load_model`)
+                 batch: Batch,                      # the inputs
+                 *,
+                 return_logits: bool = False,       # also return the logits
+                 return_qkv: bool = False,          # also return every layer's (q, k, v)
+                 logits_to_keep: int | None = None, # logits of the last positions only (0: all; None: as needed)
+                ):
     """Every source node's output on `batch`, `[n_sources, batch, pos, d_model]`, in source order; with
     `return_logits` and `return_qkv`, a tuple that adds the logits and every layer's `(q, k, v)` (as `ArchSpec.qkv`
     returns them), in that order. `logits_to_keep`: the logits of the last positions only (0: all; the default is
@@ -430,9 +435,16 @@ def clean_prefix(graph: Graph, edge_mask: torch.Tensor) -> tuple[torch.Tensor, t
         mlp[l] = True
     return attn, mlp
 
-def run_with_patched_edges(lm: LoadedModel, clean: Batch, corrupted: Batch, edge_mask: torch.Tensor,
-                           graph: Graph | None = None, corrupted_run: CorruptedRun | None = None,
-                           clean_run: CorruptedRun | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+def run_with_patched_edges(lm: LoadedModel,                     # the model (`load_model`)
+                           clean: Batch,                        # the clean inputs
+                           corrupted: Batch,                    # their corrupted counterparts, aligned position by position
+                           edge_mask: torch.Tensor,             # boolean, of `graph.shape`: the edges that keep clean values
+                           graph: Graph | None = None,          # the graph of `edge_mask` (default: span-free)
+                           *,
+                           corrupted_run: CorruptedRun | None = None,   # the corrupted run, cached across masks
+                           clean_run: CorruptedRun | None = None,       # the clean run, cached: layers before the first dropped edge
+                           logits_to_keep: int = 0,             # logits of the last positions only (0: all)
+                          ) -> torch.Tensor:
     """Logits of the clean run where edges outside `edge_mask` (of `graph.shape`) carry corrupted values; on a
     positional graph, span by span. Pass `corrupted_run` (`CorruptedRun.of(lm, clean, corrupted, graph)`) to reuse
     the corrupted run across many masks. Only `recomputed_nodes` are computed: every other head takes its corrupted

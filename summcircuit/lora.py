@@ -4,8 +4,8 @@
 
 # %% ../nbs/09_peft.ipynb #703d5e4d
 from __future__ import annotations
-import gc, math, random, re, time
-from dataclasses import asdict, dataclass, replace
+import gc, math, random, time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -15,19 +15,22 @@ from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 from transformers import PrinterCallback, Trainer, TrainerCallback
 
+from .circuits import CircuitRecord
 from .core import Run, content_hash, load_json, load_keyed, run_dir, save_json, seed_everything
+from .diff import DiffFindings
 from .data import SummaryExample, load_examples
-from .evaluate import ROUGE_METRICS, RougeResult, evaluate_rouge, plot_rouge, rouge_artifact_name, rouge_table
-from .finetune import (PromptDataset, SummaryCollator, TrainingConfig, is_lead_process, process_device,
+from .evaluate import ROUGE_METRICS, RougeConfig, RougeResult, evaluate_rouge, plot_rouge, rouge_artifact_name, rouge_table
+from .finetune import (PromptDataset, SummaryCollator, is_lead_process, process_device,
                                   training_arguments, world_size,
                                   training_prompts)
 from .models import ArchSpec, LoadedModel, get_module, load_model
 
 # %% auto #0
 __all__ = ['NEUTRAL_MODULES', 'LoraTarget', 'lora_targets', 'closed_form_lora_params', 'LoraModel', 'trainable_parameters',
-           'add_lora', 'KeepBest', 'TrainOutcome', 'train_with_early_stopping', 'train_lora', 'Variant', 'full',
-           'lora_all', 'lora_targeted', 'lora_circuit', 'lora_random', 'result_key', 'run_variant', 'run_bakeoff',
-           'bakeoff_table', 'plot_bakeoff', 'critical_layers_of_run', 'circuit_selection_of_run', 'bakeoff_stage']
+           'add_lora', 'BakeoffConfig', 'KeepBest', 'TrainOutcome', 'train_with_early_stopping', 'train_lora',
+           'Variant', 'full', 'lora_all', 'lora_targeted', 'lora_circuit', 'lora_random', 'result_key', 'run_variant',
+           'run_bakeoff', 'bakeoff_table', 'plot_bakeoff', 'critical_layers_of_run', 'circuit_selection_of_run',
+           'bakeoff_stage']
 
 # %% ../nbs/09_peft.ipynb #ca1ffd50
 NEUTRAL_MODULES = ("q", "k", "v", "o", "mlp")
@@ -149,6 +152,37 @@ def add_lora(lm: LoadedModel, layers: Sequence[int] | None = None, modules: Sequ
     peft_count = peft_model.get_nb_trainable_parameters()[0]
     return LoraModel(peft_model, targets, rank, peft_count, masked, sum(rank * (t.n_cols + t.n_rows) for t in targets))
 
+# %% ../nbs/09_peft.ipynb #87da00dd
+@dataclass
+class BakeoffConfig:
+    "Settings of the bake-off: the same data, LoRA shape, step budget, learning rate and early stopping for every variant."
+    # -- data (as fine-tuning's) -----------------------------------------------------------------------
+    max_source_tokens: int = 160         # source budget, whole sentences
+    n_train: int | None = 100            # training documents; None = the whole split
+    n_val: int = 12                      # validation documents for early stopping
+    # -- LoRA ------------------------------------------------------------------------------------------
+    lora_rank: int = 8                   # paper: 8
+    lora_alpha: int = 512                # update scale alpha / rank = 64 (common: 2): sized for a 32-step budget
+    lora_modules: tuple[str, ...] = ("q", "v")   # paper: query and value projections
+    # -- training of every variant (AdamW, as fine-tuning) ---------------------------------------------
+    learning_rate: float = 3e-4          # paper: 5e-5 for LoRA (full fine-tuning 3e-5); one rate for all variants
+    batch_size: int = 4                  # paper: 16
+    max_steps: int = 32                  # step budget of every variant (paper: 10 epochs standard, ~6 targeted)
+    eval_every: int = 8                  # steps between validation-loss evaluations
+    patience: int = 2                    # early stopping: evaluations without improvement before stopping
+    weight_decay: float = 0.01
+    grad_accum: int = 1
+    warmup_steps: int = 2
+    max_grad_norm: float = 1.0
+    # -- ROUGE of every variant ------------------------------------------------------------------------
+    rouge: RougeConfig = field(default_factory=RougeConfig)
+
+    @classmethod
+    def paper(cls) -> "BakeoffConfig":
+        "The settings of Mishra 2025: LoRA lr 5e-5, batch 16, 10 epochs of CNN/DailyMail (alpha not stated: 2 x rank)."
+        return cls(max_source_tokens=900, n_train=None, n_val=500, lora_alpha=16, learning_rate=5e-5, batch_size=16,
+                   max_steps=10 * 287113 // 16, eval_every=287113 // 16, warmup_steps=0, rouge=RougeConfig.paper())
+
 # %% ../nbs/09_peft.ipynb #d124bc0b
 class KeepBest(TrainerCallback):
     "Early stopping on validation loss (patience in evaluations) that restores the best trainable weights at the end."
@@ -185,21 +219,21 @@ class TrainOutcome:
     curve: list[tuple[int, float]]
 
 def train_with_early_stopping(model: torch.nn.Module, lm: LoadedModel, train_examples: Sequence[SummaryExample],
-                              val_examples: Sequence[SummaryExample], cfg: TrainingConfig, seed: int = 0,
+                              val_examples: Sequence[SummaryExample], cfg: BakeoffConfig, seed: int = 0,
                               output_dir: str | Path | None = None, progress: bool = True) -> TrainOutcome:
     "Train the trainable parameters of `model` (a peft model or `lm.hf`) with early stopping; best weights restored."
     import tempfile
     train = training_prompts(train_examples, lm.tokenizer, lm.spec, cfg.max_source_tokens, "train")
     val = training_prompts(val_examples, lm.tokenizer, lm.spec, cfg.max_source_tokens, "val")
     world = world_size()
-    if cfg.bakeoff_batch_size % world:
-        raise ValueError(f"bakeoff_batch_size={cfg.bakeoff_batch_size} does not split over {world} processes: the batch "
+    if cfg.batch_size % world:
+        raise ValueError(f"The bake-off's batch_size={cfg.batch_size} does not split over {world} processes: the batch "
                          f"is global (each process takes a 1/{world} share); use a multiple of {world}.")
     seed_everything(seed)
     keep = KeepBest(model, cfg.patience)
     with tempfile.TemporaryDirectory() as tmp:
-        args = training_arguments(cfg, output_dir or tmp, max_steps=cfg.bakeoff_max_steps,
-                                  learning_rate=cfg.bakeoff_learning_rate, batch_size=cfg.bakeoff_batch_size // world,
+        args = training_arguments(cfg, output_dir or tmp, max_steps=cfg.max_steps,
+                                  learning_rate=cfg.learning_rate, batch_size=cfg.batch_size // world,
                                   eval_steps=cfg.eval_every, save_steps=None, seed=seed, device=lm.device,
                                   progress=progress, eval_on_start=True)
         trainer = Trainer(model=model, args=args, train_dataset=PromptDataset(train), eval_dataset=PromptDataset(val),
@@ -211,15 +245,15 @@ def train_with_early_stopping(model: torch.nn.Module, lm: LoadedModel, train_exa
     model.eval()
     if diverged := [(s, l) for s, l in keep.curve if not math.isfinite(l)]:
         raise ValueError(f"Stage PEFT bake-off: training diverged (validation loss {diverged[0][1]} at step {diverged[0][0]}); "
-                         f"lower bakeoff_learning_rate (now {cfg.bakeoff_learning_rate}).")
+                         f"lower the bake-off's learning rate (the stage's bakeoff_learning_rate; now {cfg.learning_rate}).")
     return TrainOutcome(keep.best_step, keep.best_loss, trainer.state.global_step, wall, keep.curve)
 
 def train_lora(lm: LoadedModel, train_examples: Sequence[SummaryExample], val_examples: Sequence[SummaryExample],
                layers: Sequence[int] | None = None, modules: Sequence[str] = ("q", "v"),
                heads: Mapping[int, Sequence[int]] | None = None, rank: int | None = None, alpha: int | None = None,
-               cfg: TrainingConfig | None = None, seed: int = 0, progress: bool = True) -> tuple[LoraModel, TrainOutcome]:
+               cfg: BakeoffConfig | None = None, seed: int = 0, progress: bool = True) -> tuple[LoraModel, TrainOutcome]:
     "Add LoRA to `modules` of `layers` (only `heads`, if given) of `lm` and train it with early stopping (rank, alpha: `cfg`'s if None)."
-    cfg = cfg or TrainingConfig()
+    cfg = cfg or BakeoffConfig()
     seed_everything(seed)                    # LoRA's A matrices are initialized from the seed
     lora = add_lora(lm, layers, modules, heads, rank or cfg.lora_rank, alpha or cfg.lora_alpha)
     return lora, train_with_early_stopping(lora.peft_model, lm, train_examples, val_examples, cfg, seed, progress=progress)
@@ -279,24 +313,24 @@ def lora_random(n_layers: int, draw: int = 0) -> Variant:
 # %% ../nbs/09_peft.ipynb #8c2e651a
 def _result_path(folder: Path, label: str, seed: int) -> Path: return folder / f"{label}-s{seed}.json"
 
-# configuration fields that cannot change a bake-off result (stage 03's own settings; sizes are in the ids)
-_NOT_BAKEOFF = {"learning_rate", "batch_size", "epochs", "max_steps", "checkpoint_every", "n_train", "n_val", "n_eval",
-                "n_bakeoff_layers"}
-_LORA_ONLY = {"lora_rank", "lora_alpha", "lora_modules"}
+_SIZES = {"n_train", "n_val", "n_eval"}                      # how many documents: their ids are hashed instead
+_LORA_ONLY = {"lora_rank", "lora_alpha", "lora_modules"}      # settings full fine-tuning does not read
 
-def result_key(model: str, variant: Variant | None, cfg: TrainingConfig, seed: int, *splits) -> str:
+def result_key(model: str, variant: Variant | None, cfg: BakeoffConfig, seed: int, *splits) -> str:
     "Hash of everything a bake-off result depends on (`variant=None`: the untrained base model's ROUGE)."
     ids = [[e.id for e in split] for split in splits]
     if variant is None:
-        return content_hash(model, ids, cfg.max_source_tokens, cfg.max_new_tokens)
-    drop = _NOT_BAKEOFF | (_LORA_ONLY if variant.is_full else set())
-    return content_hash(model, asdict(variant), seed, {k: v for k, v in asdict(cfg).items() if k not in drop}, ids)
+        return content_hash(model, ids, cfg.max_source_tokens, cfg.rouge.max_new_tokens)
+    drop = _SIZES | (_LORA_ONLY if variant.is_full else set())
+    settings = {k: v for k, v in asdict(cfg).items() if k not in drop}
+    settings["rouge"] = {k: v for k, v in settings["rouge"].items() if k not in _SIZES}
+    return content_hash(model, asdict(variant), seed, settings, ids)
 
 def _load_result(path: Path, key: str) -> dict | None:
     "A saved result if it was made with the same parameters; None if there is none; refuse one made otherwise."
     return load_keyed(path, key, "a bake-off result", f"use another run folder, or delete {path} to recompute it")
 
-def run_variant(model: str, variant: Variant, train_examples, val_examples, test_examples, cfg: TrainingConfig,
+def run_variant(model: str, variant: Variant, train_examples, val_examples, test_examples, cfg: BakeoffConfig,
                 seed: int = 0, device: str = "cpu", progress: bool = True) -> dict:
     "Train one variant from a fresh base model and evaluate it: counts, curve, steps to best, wall time, ROUGE."
     lm = load_model(model, device=device)
@@ -315,7 +349,7 @@ def run_variant(model: str, variant: Variant, train_examples, val_examples, test
                   "trainable_params_closed_form": lora.closed_form, "peft_count_unmasked": lora.peft_count}
     outcome = train_with_early_stopping(train_model, lm, train_examples, val_examples, cfg, seed, progress=progress)
     if not is_lead_process(): return {}      # under a distributed launch the other processes only train
-    rouge = evaluate_rouge(lm, test_examples, cfg.max_source_tokens, cfg.max_new_tokens, cfg.gen_batch_size, progress)
+    rouge = evaluate_rouge(lm, test_examples, cfg.max_source_tokens, cfg.rouge.max_new_tokens, cfg.rouge.gen_batch_size, progress)
     result = {"variant": variant.name, "label": variant.label, "seed": seed, "layers": layers,
               "heads": None if heads is None else {str(k): v for k, v in heads.items()}, **counts,
               "best_step": outcome.best_step, "best_val_loss": outcome.best_val_loss, "steps_run": outcome.steps_run,
@@ -326,10 +360,10 @@ def run_variant(model: str, variant: Variant, train_examples, val_examples, test
 
 def run_bakeoff(model: str, variants: Sequence[Variant], train_examples: Sequence[SummaryExample],
                 val_examples: Sequence[SummaryExample], test_examples: Sequence[SummaryExample], folder: str | Path,
-                cfg: TrainingConfig | None = None, seeds: Sequence[int] = (0,), device: str = "cpu",
+                cfg: BakeoffConfig | None = None, seeds: Sequence[int] = (0,), device: str = "cpu",
                 progress: bool = True, base: RougeResult | None = None) -> list[dict]:
     "Every variant at every seed (plus the untrained base, or `base` if given), each saved in `folder` when done; reruns skip finished ones."
-    cfg = cfg or TrainingConfig()
+    cfg = cfg or BakeoffConfig()
     folder = Path(folder)
     labels = [v.label for v in variants]
     if len(set(labels)) != len(labels): raise ValueError(f"Variant labels repeat: {labels}; give random draws distinct `draw`s.")
@@ -344,7 +378,7 @@ def run_bakeoff(model: str, variants: Sequence[Variant], train_examples: Sequenc
     if lead and _load_result(base_path, key) is None:
         if base is not None and base.ids != [e.id for e in test_examples]:
             raise ValueError("The given base result was scored on other documents than test_examples.")
-        rouge = base or evaluate_rouge(lm, test_examples, cfg.max_source_tokens, cfg.max_new_tokens, cfg.gen_batch_size,
+        rouge = base or evaluate_rouge(lm, test_examples, cfg.max_source_tokens, cfg.rouge.max_new_tokens, cfg.rouge.gen_batch_size,
                                        progress)
         save_json(base_path, {"key": key, "variant": "base", "label": "base", "seed": 0, "trainable_params": 0,
                               "rouge": rouge.to_json()})
@@ -399,42 +433,39 @@ def plot_bakeoff(results: list[dict], table, title: str = ""):
 
 # %% ../nbs/09_peft.ipynb #ff8c5b96
 def critical_layers_of_run(run_folder: str | Path) -> list[int]:
-    """The critical layers that the differential analysis of the run in `run_folder` wrote (in a pipeline run, only
+    """The critical layers that the differential analysis of the run in `run_folder` found (in a pipeline run, only
     when its `pipeline.json` records the diff job as finished: a failed or stale analysis is never read)."""
-    path = Path(run_folder) / "diff" / "results.json"
+    fix = "or pass the targeted layers yourself (-p targeted_layers '[2, 3, 5]')."
     if (Path(run_folder) / "pipeline.json").exists():
         jobs = Run.load(run_folder).stage_jobs("diff")
         if not jobs or not jobs[-1].finished:
             why = f"{jobs[-1].status} ({jobs[-1].reason})" if jobs else "is not recorded"
-            raise ValueError(f"The differential analysis of this run {why}: rerun it, or pass the targeted layers "
-                             f"yourself (-p targeted_layers '[2, 3, 5]').")
-        path = jobs[-1].folder / "results.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: run the differential analysis (nbs/05_diff.ipynb) for this run "
-                                f"first, or pass the targeted layers yourself (-p targeted_layers '[2, 3, 5]').")
-    return [int(l) for l in load_json(path)["diff"]["critical_layers"]]
+            raise ValueError(f"The differential analysis of this run {why}: rerun it, {fix}")
+        return Run.load(run_folder).diff().critical_layers
+    folder = Path(run_folder) / "diff"                 # notebooks run by hand, no pipeline record
+    if not (folder / DiffFindings.FILE).exists():
+        raise FileNotFoundError(f"{folder / DiffFindings.FILE} does not exist: run the differential analysis (the diff "
+                                f"stage) for this run first, {fix}")
+    return DiffFindings.load(folder).critical_layers
 
 def circuit_selection_of_run(run_folder: str | Path, k: int = 3, mode: str = "layers") -> list:
     """The circuit of the run's last analysed checkpoint: its top-`k` layers by score mass, or its heads as (layer, head).
     In a pipeline run, the last of the circuits jobs its `pipeline.json` records (a stale `step-*` folder is never read)."""
+    if mode not in ("layers", "heads"): raise ValueError(f"mode={mode!r}: use 'layers' or 'heads'.")
+    fix = "or pass the circuit yourself (-p circuit ...)."
     if (Path(run_folder) / "pipeline.json").exists():
         jobs = Run.load(run_folder).stage_jobs("circuits")
         if jobs and not jobs[-1].finished:
             raise ValueError(f"The circuits job {jobs[-1].job} of this run {jobs[-1].status} ({jobs[-1].reason}): rerun the "
-                             "circuits stage, or pass the circuit yourself (-p circuit ...).")
-        folders = [j.folder / "circuit.json" for j in jobs]
+                             f"circuits stage, {fix}")
+        folders = [j.folder for j in jobs]
     else:                                         # notebooks run by hand, no pipeline record: the steps they saved
-        folders = sorted(Path(run_folder).glob("circuits/*/circuit.json"), key=lambda p: load_json(p)["step"])
-    if not folders:
-        raise FileNotFoundError(f"No circuit under {Path(run_folder) / 'circuits'}: run the circuit stage "
-                                f"(nbs/08_circuits.ipynb) for this run first, or pass the circuit yourself (-p circuit ...).")
-    circuit = load_json(folders[-1])
-    if mode == "heads":
-        heads = [(int(m[1]), int(m[2])) for n in circuit["nodes"] if (m := re.fullmatch(r"a(\d+)\.h(\d+)(?: @\S+)?", n))]
-        return sorted(set(heads))                                   # a positional circuit names a head once per span
-    if mode != "layers": raise ValueError(f"mode={mode!r}: use 'layers' or 'heads'.")
-    profile = np.asarray(circuit["layer_profile"][1:])            # entry 0 is the input embedding
-    return sorted(np.argsort(-profile, kind="stable")[:k].tolist())
+        folders = [f.parent for f in Path(run_folder).glob(f"circuits/*/{CircuitRecord.FILE}")]
+    records = sorted((CircuitRecord.load(f) for f in folders if (f / CircuitRecord.FILE).exists()), key=lambda r: r.step)
+    if not records:
+        raise FileNotFoundError(f"No circuit under {Path(run_folder) / 'circuits'}: run the circuits stage for this run "
+                                f"first, {fix}")
+    return records[-1].heads() if mode == "heads" else records[-1].top_layers(k)
 
 # %% ../nbs/09_peft.ipynb #736ea960
 def bakeoff_stage(run_name: str, model: str, dataset: str, aspect: str = "outcome", n_examples: int | None = None,
@@ -448,8 +479,8 @@ def bakeoff_stage(run_name: str, model: str, dataset: str, aspect: str = "outcom
     `summcircuit bakeoff`, which a distributed launcher starts once per process: every process trains each
     variant together (HF `Trainer`'s data parallelism), the lead one evaluates and writes; the others return []."""
     folder = run_dir(run_name)
-    cfg = replace(TrainingConfig(), **{k: v for k, v in dict(n_train=n_examples, bakeoff_max_steps=bakeoff_max_steps,
-                  bakeoff_learning_rate=bakeoff_learning_rate).items() if v is not None})
+    cfg = replace(BakeoffConfig(), **{k: v for k, v in dict(n_train=n_examples, max_steps=bakeoff_max_steps,
+                  learning_rate=bakeoff_learning_rate).items() if v is not None})
     targeted = list(targeted_layers or critical_layers_of_run(folder))
     circuit = circuit or circuit_selection_of_run(folder, len(targeted), circuit_mode)
     variants = [full(), lora_all(), lora_targeted(targeted), lora_circuit(circuit)] + \
@@ -458,9 +489,9 @@ def bakeoff_stage(run_name: str, model: str, dataset: str, aspect: str = "outcom
         spec = load_model(model, device="cpu").spec
         for v in variants: print(f"{v.label:16s} layers, heads: {v.resolve(spec)}")
     data = {s: load_examples(dataset, s, aspect, n=n, seed=seed)
-            for s, n in (("train", cfg.n_train), ("val", cfg.n_val), ("test", cfg.n_eval))}
+            for s, n in (("train", cfg.n_train), ("val", cfg.n_val), ("test", cfg.rouge.n_eval))}
     # the evaluation stage's base-model result, when it scored the same documents the same way
-    base_file = folder / "evaluate" / rouge_artifact_name(0, data["test"], cfg.max_source_tokens, cfg.max_new_tokens)
+    base_file = folder / "evaluate" / rouge_artifact_name(0, data["test"], cfg.max_source_tokens, cfg.rouge.max_new_tokens)
     base = RougeResult.from_json(load_json(base_file)) if base_file.exists() else None
     return run_bakeoff(model, variants, data["train"], data["val"], data["test"], folder / "peft", cfg,
                        seeds or [seed], process_device(device), progress, base)

@@ -350,8 +350,13 @@ def _from_folder_or_hub(name: str, dtype) -> tuple[PreTrainedModel, PreTrainedTo
                          f"save_pretrained, or a hub name such as 'gpt2' when online. "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
 
-def load_model(name: str = "smollm2-135m", device: str | torch.device = "auto", dtype: torch.dtype | None = None,
-               seed: int = 0, device_map: str | dict | None = None) -> LoadedModel:
+def load_model(name: str = "smollm2-135m",             # embedded, tiny (`TINY_CONFIGS`), a folder, or a hub name
+               device: str | torch.device = "auto",     # `auto`: the GPU when PyTorch sees one, else the CPU
+               *,
+               dtype: torch.dtype | None = None,        # of a folder's or the hub's weights (default: as stored)
+               seed: int = 0,                           # the random weights of a tiny model
+               device_map: str | dict | None = None,    # spread the model over several devices (accelerate)
+              ) -> LoadedModel:
     """Load `name` (embedded, tiny, folder or hub) on `device`, wrapped for nnsight, with tokenizer and `ArchSpec`.
     `device_map` (`"auto"`, or accelerate's map of module names to devices) spreads a model too large for one
     device over several instead: the weights load on the CPU, accelerate places the layers and moves activations

@@ -19,13 +19,13 @@ from .core import (content_hash, file_fingerprint, fingerprint_problem, folder_l
                               runs_root, save_json)
 
 # %% auto #0
-__all__ = ['DEVICE_PATTERN', 'PARAMETER_RULES', 'PARAMETER_CHOICES', 'SHARED_PARAMETERS', 'STAGES', 'STALE', 'DEMO_TAG',
-           'KERNEL_WARNINGS', 'PROGRESS', 'RunConfig', 'Yaml12Loader', 'check_run_name', 'check_shared', 'load_config',
+__all__ = ['DEVICE_PATTERN', 'PARAMETER_RULES', 'PARAMETER_CHOICES', 'SHARED_PARAMETERS', 'STAGES', 'STALE', 'KERNEL_WARNINGS',
+           'PROGRESS', 'RunConfig', 'Yaml12Loader', 'check_run_name', 'check_shared', 'load_config',
            'notebook_parameters', 'notebook_parameter_types', 'parameter_types', 'check_parameter', 'notebook_text',
            'check_value', 'Stage', 'stage_named', 'Job', 'library_modules', 'job_key', 'select_checkpoints',
            'StageNotReady', 'stage_parameters', 'plan_stage', 'StageFailed', 'move_aside', 'restore_aside',
-           'job_outputs', 'stage_input', 'progress_mode', 'execute_job', 'job_environment', 'execute_side_by_side',
-           'JobRecord', 'PipelineResult', 'run_pipeline', 'write_stage_notebook']
+           'job_outputs', 'progress_mode', 'execute_job', 'job_environment', 'execute_side_by_side', 'JobRecord',
+           'PipelineResult', 'run_pipeline', 'write_stage_notebook']
 
 # %% ../nbs/10_pipeline.ipynb #5cc08e2f
 @dataclass
@@ -244,19 +244,19 @@ class Stage:
     steps_param: str | None = None             # parameter of the last job taking the steps of all the stage's jobs
 
 STAGES: tuple[Stage, ...] = (
-    Stage("finetune", "03_finetune.ipynb", "Fine-tuning with checkpoints"),
-    Stage("evaluate", "03b_evaluate.ipynb", "ROUGE of the base and fine-tuned models", after=("finetune",),
+    Stage("finetune", "stages/finetune.ipynb", "Fine-tuning with checkpoints"),
+    Stage("evaluate", "stages/evaluate.ipynb", "ROUGE of the base and fine-tuned models", after=("finetune",),
           fixed={"checkpoints": "ends"}),
-    Stage("corrupt", "04_corrupt.ipynb", "Salient sentences and clean/corrupted pairs", after=("finetune",),
+    Stage("corrupt", "stages/corrupt.ipynb", "Salient sentences and clean/corrupted pairs", after=("finetune",),
           checkpoints="final", checkpoint_param="checkpoint"),
-    Stage("diff", "05_diff.ipynb", "Differential analysis: base vs fine-tuned", after=("finetune",),
+    Stage("diff", "stages/diff.ipynb", "Differential analysis: base vs fine-tuned", after=("finetune",),
           checkpoints="final", checkpoint_param="checkpoint_b"),
-    Stage("diff_checkpoints", "05_diff.ipynb", "Differential analysis: base vs each checkpoint", after=("finetune",),
+    Stage("diff_checkpoints", "stages/diff.ipynb", "Differential analysis: base vs each checkpoint", after=("finetune",),
           checkpoints="between", checkpoint_param="checkpoint_b", own_run=True),
-    Stage("circuits", "08_circuits.ipynb", "Circuits per checkpoint", after=("finetune", "corrupt"),
+    Stage("circuits", "stages/circuits.ipynb", "Circuits per checkpoint", after=("finetune", "corrupt"),
           checkpoints="each", checkpoint_param="checkpoint", step_param="step",
           last={"evolution": True, "check_robustness": True, "compare_setups": True}, steps_param="evolution_steps"),
-    Stage("peft", "09_peft.ipynb", "PEFT bake-off", after=("finetune", "diff", "circuits")),
+    Stage("peft", "stages/peft.ipynb", "PEFT bake-off", after=("finetune", "diff", "circuits")),
 )
 
 def stage_named(name: str, stages: Sequence[Stage] = STAGES) -> Stage:
@@ -494,21 +494,9 @@ def job_outputs(job: Job, before: dict[str, tuple[int, int]] | None = None, besi
         out.append(rel)
     return sorted(out)
 
-DEMO_TAG = "demo"
 # the kernel has no ipywidgets, so tqdm.auto falls back to text bars (what `--progress live` streams) and would say
 # so in red at the top of every stage page; the fallback is what we want
 KERNEL_WARNINGS = "ignore:IProgress not found"
-
-def stage_input(notebook: str | Path, folder: str | Path) -> Path:
-    "The notebook a stage executes: `notebook` without its cells tagged `demo` (written into `folder` if it has any)."
-    nb = nbformat.read(str(notebook), as_version=4)
-    keep = [c for c in nb.cells if DEMO_TAG not in c.metadata.get("tags", [])]
-    if len(keep) == len(nb.cells): return Path(notebook)
-    nb.cells = keep
-    path = Path(folder) / f".input-{Path(notebook).name}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, str(path))
-    return path
 
 PROGRESS = ("live", "cells", "none")   # the notebook's own output as it runs / papermill's cell counter / nothing
 
@@ -543,7 +531,7 @@ def execute_job(job: Job, root: Path, runs: Path, progress: bool | str = True, k
     logging.getLogger("papermill").setLevel(logging.ERROR)   # its parameter inspection warns on comments; we check parameters ourselves
     try:
         with _environment({"SUMMCIRCUIT_RUNS": str(runs), "PYTHONWARNINGS": KERNEL_WARNINGS, **job.env}):
-            source = stage_input(root / "nbs" / job.stage.notebook, job.folder)
+            source = root / "nbs" / job.stage.notebook
             live = {"stdout_file": sys.stdout, "stderr_file": sys.stderr} if mode == "live" else {}
             pm.execute_notebook(str(source), str(job.executed), parameters=job.params,
                                 kernel_name=kernel_name, language="python", progress_bar=mode == "cells", cwd=str(root),

@@ -4,24 +4,29 @@
 
 # %% ../nbs/11_report.ipynb #ff9ab194
 from __future__ import annotations
-import base64, copy, glob, html, importlib, inspect, io, os, re, shutil, time
+import ast, base64, copy, glob, html, importlib, io, os, re, shutil, time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import nbformat
 import pandas as pd
 import yaml
+from nbdev.showdoc import show_doc
+from transformers import AutoConfig
 
-from .core import Run, load_json, project_root, save_json
+from .circuits import CircuitRecord, evolution_table, load_circuit_snapshots, plot_evolution
+from .core import Run, project_root, save_json
+from .diff import DiffFindings
+from .graph import Graph
+from .models import arch_spec
 from .site import front_matter, relative_href, render_offline, render_with_quarto
 
 # %% auto #0
-__all__ = ['QUESTIONS', 'SITE_MARKER', 'run_table', 'checkpoint_table', 'unfinished', 'final_diff', 'diff_results',
-           'entropy_share', 'causal_rows', 'circuit_results', 'run_spec', 'circuit_evolution', 'circuit_viewers',
-           'find_key', 'new_page', 'add_markdown', 'add_outputs', 'png_output', 'table_output', 'figure_png',
-           'clean_notebook', 'setup_findings', 'headline_findings', 'stage_list', 'home_page', 'evolution_figures',
-           'evolution_page', 'bakeoff_page', 'run_figures', 'figures_page', 'compare_page', 'api_summary', 'api_page',
-           'stage_site', 'relink_pages', 'check_site_folder', 'render_report']
+__all__ = ['QUESTIONS', 'SITE_MARKER', 'run_table', 'checkpoint_table', 'unfinished', 'final_diff', 'causal_table', 'run_spec',
+           'circuit_evolution', 'circuit_viewers', 'new_page', 'add_markdown', 'add_outputs', 'png_output',
+           'table_output', 'figure_png', 'clean_notebook', 'setup_findings', 'headline_findings', 'stage_list',
+           'home_page', 'evolution_figures', 'evolution_page', 'bakeoff_page', 'run_figures', 'figures_page',
+           'compare_page', 'api_doc', 'api_page', 'stage_site', 'relink_pages', 'check_site_folder', 'render_report']
 
 # %% ../nbs/11_report.ipynb #eec5425c
 def run_table(run: Run, *parts: str, **kw) -> pd.DataFrame | None:
@@ -41,45 +46,18 @@ def unfinished(run: Run, *stages: str) -> list[str]:
     return [f"{j.title}: {j.status}" + (f" ({j.reason.splitlines()[0][:200]})" if j.reason else "")
             for s in stages for j in run.stage_jobs(s) if not j.finished]
 
-def final_diff(run: Run) -> tuple[dict | None, str]:
+def final_diff(run: Run) -> tuple[DiffFindings | None, str]:
     "The base-vs-final differential analysis (the `diff` job) and its status: never a per-checkpoint one in its place."
     jobs = run.stage_jobs("diff")
     if not jobs: return None, "did not run in this run"
     j = jobs[-1]
     if not j.finished: return None, j.status + (f" ({j.reason.splitlines()[0][:200]})" if j.reason else "")
-    p = j.folder / "results.json"
-    return (load_json(p), "finished") if p.exists() else (None, "finished without results.json")
+    if not (j.folder / DiffFindings.FILE).exists(): return None, f"finished without {DiffFindings.FILE}"
+    return run.diff(), "finished"
 
-def diff_results(run: Run) -> dict[int, dict]:
-    """The differential analyses of the run by checkpoint step: vs each checkpoint (`diff_checkpoints`) and base vs
-    final (`diff`), only from the finished jobs this run records."""
-    out: dict[int, dict] = {}
-    for j in run.stage_jobs("diff_checkpoints", finished=True):
-        if (p := j.folder / "diff" / "results.json").exists(): out[j.step] = load_json(p)
-    final, _ = final_diff(run)
-    if final is not None:
-        step = run.stage_jobs("diff")[-1].step
-        out[-1 if step is None else step] = final
-    return dict(sorted(out.items()))
-
-def entropy_share(result: dict, kind: str = "raw") -> tuple[float, float, float] | None:
-    "Share of heads whose attention entropy dropped, with its bootstrap 95% CI, from a diff result."
-    s = (result.get("diff") or {}).get("share_heads_lower_entropy", {}).get(kind)
-    return (s["share"], s["ci_low"], s["ci_high"]) if s else None
-
-def causal_rows(result: dict) -> pd.DataFrame | None:
-    "The causal check of a diff result: ablation drop of the target vs random sets of the same size."
-    rows = result.get("causal") or []
-    if not rows: return None
-    keep = ["target_kind", "mode", "target", "drop", "normalized_drop", "percentile", "p_value"]
-    return pd.DataFrame([{k: r.get(k) for k in keep if k in r} for r in rows])
-
-def circuit_results(run: Run) -> dict[int, dict]:
-    "The circuit stage's summaries by checkpoint step (`circuits/step-<k>/circuit.json`) of the finished jobs this run records."
-    out: dict[int, dict] = {}
-    for j in run.stage_jobs("circuits", finished=True):
-        if (p := j.folder / "circuit.json").exists(): out[j.step] = load_json(p)
-    return dict(sorted(out.items()))
+def causal_table(found: DiffFindings) -> pd.DataFrame | None:
+    "The causal check of a differential analysis: ablation drop of the target vs random sets of the same size."
+    return pd.DataFrame(found.causal_rows()) if found.causal else None
 
 def run_spec(run: Run):
     "The `ArchSpec` of the run's model, from its last fine-tuning checkpoint's config (None without one)."
@@ -87,19 +65,15 @@ def run_spec(run: Run):
     if not cks: return None
     folder = run.path("finetune", sorted(cks, key=lambda c: c["step"])[-1]["path"])
     if not (folder / "config.json").exists(): return None
-    from transformers import AutoConfig
-    from summcircuit.models import arch_spec
     return arch_spec(AutoConfig.from_pretrained(folder))
 
 def circuit_evolution(run: Run) -> tuple[pd.DataFrame, bytes] | None:
     "The comparisons between checkpoints' circuits and their figure: the circuit stage's (`circuits/evolution.json`, `.png`), else computed with `summcircuit.circuits`."
-    steps = sorted(circuit_results(run))
+    steps = sorted(run.circuits())
     saved = run.json("circuits", "evolution.json")            # only when it compares exactly this run's checkpoints
     if saved and saved.get("table") and sorted(saved.get("steps") or []) == steps and run.path("circuits", "evolution.png").exists():
         return pd.DataFrame(saved["table"]), run.path("circuits", "evolution.png").read_bytes()
     if len(steps) < 2 or (spec := run_spec(run)) is None: return None
-    from summcircuit.circuits import evolution_table, load_circuit_snapshots, plot_evolution
-    from summcircuit.graph import Graph
     graph = Graph(spec)
     snaps = load_circuit_snapshots(run.path("circuits"), graph, steps=steps)
     table = evolution_table(snaps, graph)
@@ -108,18 +82,8 @@ def circuit_evolution(run: Run) -> tuple[pd.DataFrame, bytes] | None:
 def circuit_viewers(run: Run) -> list[dict]:
     "The circuit viewer pages the circuits stage wrote (`circuits/viewer/`), when they show exactly this run's checkpoints."
     saved = run.json("circuits", "viewer", "index.json")
-    if not saved or sorted(saved.get("steps") or []) != sorted(circuit_results(run)): return []
+    if not saved or sorted(saved.get("steps") or []) != sorted(run.circuits()): return []
     return [p for p in saved.get("pages", []) if run.path("circuits", "viewer", p["page"]).exists()]
-
-def find_key(obj: Any, key: str) -> Any:
-    "The first value stored under `key` anywhere in nested dicts/lists (None if absent)."
-    if isinstance(obj, dict):
-        if key in obj: return obj[key]
-        obj = list(obj.values())
-    if isinstance(obj, list):
-        for v in obj:
-            if (found := find_key(v, key)) is not None: return found
-    return None
 
 # %% ../nbs/11_report.ipynb #8a10acf7
 def new_page(title: str, description: str = "", order: int | None = None) -> nbformat.NotebookNode:
@@ -203,9 +167,9 @@ this run answers for its own model and data:
 def _fmt_ci(t: tuple[float, float, float] | None) -> str:
     return "n/a" if t is None else f"{t[0]:.2f} (95% CI {t[1]:.2f}–{t[2]:.2f})"
 
-def setup_findings(circuit: dict) -> list[str]:
+def setup_findings(circuit: CircuitRecord) -> list[str]:
     "Headline lines of a circuits job's set-up comparison (smallest circuit per set-up, with its interval) and exact check."
-    rows, out = circuit.get("setups") or [], []
+    rows, out = circuit.setups, []
     sizes = sorted({k[2:] for r in rows for k in r if k.startswith("f@")}, key=lambda k: float(k.rstrip("%")))
     if sizes:
         s = sizes[0]
@@ -214,12 +178,12 @@ def setup_findings(circuit: dict) -> list[str]:
             rnd = f", random {rnd:.3f}" if isinstance(rnd, (int, float)) and rnd == rnd else ""
             return (f"{r['spans']} / {r['corruption']}: {r[f'f@{s}']:.2f} {r.get(f'ci@{s}', '')} with "
                     f"{r.get(f'edges@{s}')} edges{rnd} (curve area {r['area']:.2f})")
-        p = circuit.get("parameters") or {}
+        p = circuit.parameters
         docs = (f"found on {p['n_find']} documents, scored on {p['n_score']} others" if "n_find" in p and "n_score" in p
                 else "found on some documents, scored on others")
         out.append(f"**Which set-up finds a circuit** (last checkpoint; {docs}; "
                    f"faithfulness of the circuit of {s} of the edges, 95% interval): " + "; ".join(map(part, rows)) + ".")
-    checks = [(k, v) for k, v in (circuit.get("exact") or {}).items() if isinstance(v, dict) and v.get("n_edges")]
+    checks = [(k, v) for k, v in circuit.exact.items() if isinstance(v, dict) and v.get("n_edges")]
     if checks:
         out.append("**EAP-IG against exact patching** (each edge patched alone, on documents its scores were made on): " +
                    "; ".join(f"{k}: Spearman {v['spearman']:.2f}, sign agreement {v['sign_agreement']:.2f}" for k, v in checks) + ".")
@@ -239,25 +203,24 @@ def headline_findings(run: Run) -> list[str]:
                  if "rougeL_low" in r else "") for s in r.index]
         out.append(f"**ROUGE-L F1** on {int(r['n'].iloc[0]) if 'n' in r else '?'} test documents: " + "; ".join(parts) + ".")
     final, status = final_diff(run)                          # the base-vs-final job's result, never another in its place
-    if final is None and (run.stage_jobs("diff") or diff_results(run)):
+    if final is None and (run.stage_jobs("diff") or run.diffs()):
         out.append(f"**Differential analysis** (base vs final): {status}; no finding is shown in its place"
-                   + (" (the per-checkpoint analyses that finished are on the evolution page)" if diff_results(run) else "") + ".")
+                   + (" (the per-checkpoint analyses that finished are on the evolution page)" if run.diffs() else "") + ".")
     if final is not None:
-        d = final.get("diff", {})
         out.append(f"**Attention entropy**: the share of heads whose entropy dropped with fine-tuning is "
-                   f"{_fmt_ci(entropy_share(final, 'raw'))} (normalized entropy: {_fmt_ci(entropy_share(final, 'normalized'))}). "
-                   f"**Critical layers** (top attention KL): {d.get('critical_layers', 'n/a')}.")
-        causal = causal_rows(final)
+                   f"{_fmt_ci(final.entropy_share('raw'))} (normalized entropy: {_fmt_ci(final.entropy_share('normalized'))}). "
+                   f"**Critical layers** (top attention KL): {final.critical_layers or 'n/a'}.")
+        causal = causal_table(final)
         if causal is not None and {"target_kind", "drop", "p_value"} <= set(causal.columns):
             parts = [f"{r['target_kind']} {r.get('mode') or ''} {r.get('target', '')}: drop {r['drop']:.3f}, p = {r['p_value']:.3f}"
                      for r in causal.to_dict("records")]
             out.append("**Causal check** (ablating the critical layers / top heads vs random sets of the same size): "
                        + "; ".join(parts) + ".")
-    circuits = circuit_results(run)
+    circuits = run.circuits()
     if circuits:
         last = circuits[max(circuits)]
-        summ, rob = last.get("summary") or {}, last.get("robustness") or {}
-        parts = [f"{last.get('n_edges')} edges on {len(last.get('nodes') or [])} nodes at step {max(circuits)}"]
+        summ, rob = last.summary, last.robustness
+        parts = [f"{last.n_edges} edges on {len(last.nodes)} nodes at step {max(circuits)}"]
         if "CPR" in summ: parts.append(f"CPR {summ['CPR']:.3f} (higher is better), CMD {summ.get('CMD', float('nan')):.3f} "
                                        f"(lower is better; random circuits: area {summ.get('area_random', float('nan')):.3f})")
         if "jaccard_halves" in rob: parts.append(f"top-edge Jaccard across disjoint halves {rob['jaccard_halves']:.2f}")
@@ -312,12 +275,12 @@ def home_page(run: Run, pages: dict[str, str], figures: Sequence[Path] = ()) -> 
     return nb
 
 # %% ../nbs/11_report.ipynb #ac44f2b8
-def evolution_figures(diffs: dict[int, dict]) -> list[tuple[str, bytes]]:
+def evolution_figures(diffs: dict[int, DiffFindings]) -> list[tuple[str, bytes]]:
     "Figures of the differential analyses across checkpoints: layer KL per checkpoint, entropy share with CIs."
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt, matplotlib.ticker
     out = []
-    with_kl = {s: r["diff"]["layer_kl"] for s, r in diffs.items() if r.get("diff", {}).get("layer_kl")}
+    with_kl = {s: r.layer_kl for s, r in diffs.items() if r.layer_kl}
     if with_kl:
         fig, ax = plt.subplots(figsize=(6.5, 3.5))
         for s, kl in with_kl.items(): ax.plot(range(len(kl)), kl, "o-", ms=3, label=f"step {s}")
@@ -325,7 +288,7 @@ def evolution_figures(diffs: dict[int, dict]) -> list[tuple[str, bytes]]:
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_title("Attention change per layer, by checkpoint")
         out.append(("layer KL per checkpoint", figure_png(fig)))
-    shares = {s: entropy_share(r) for s, r in diffs.items() if entropy_share(r)}
+    shares = {s: r.entropy_share() for s, r in diffs.items() if r.entropy_share()}
     if shares:
         fig, ax = plt.subplots(figsize=(6.5, 3.2))
         steps = list(shares)
@@ -348,22 +311,21 @@ def evolution_page(run: Run, pages: dict[str, str]) -> nbformat.NotebookNode:
     else: add_outputs(nb, table_output(cks.rename(columns={"val_loss": "validation loss (nats)"})))
     add_markdown(nb, "## Differential analysis against the base model\n\nEach checkpoint compared with the base model "
                      "(the final checkpoint is the main differential analysis).")
-    diffs = diff_results(run)
+    diffs = run.diffs()
     if bad := unfinished(run, "diff_checkpoints", "diff"):
         add_markdown(nb, "Not finished in this run (no result shown for them):\n\n" + "\n".join(f"- {b}" for b in bad))
     if not diffs: add_markdown(nb, "The differential analysis has not run.")
     else:
         rows = []
         for s, r in diffs.items():
-            d = r.get("diff", {})
-            rows.append({"step": s, "critical layers": str(d.get("critical_layers")),
-                         "share lower entropy": _fmt_ci(entropy_share(r)),
-                         "share lower normalized entropy": _fmt_ci(entropy_share(r, "normalized")),
-                         "mean hidden-state cosine": sum(d["layer_cosine"]) / len(d["layer_cosine"]) if d.get("layer_cosine") else None})
+            rows.append({"step": s, "critical layers": str(r.critical_layers),
+                         "share lower entropy": _fmt_ci(r.entropy_share()),
+                         "share lower normalized entropy": _fmt_ci(r.entropy_share("normalized")),
+                         "mean hidden-state cosine": sum(r.layer_cosine) / len(r.layer_cosine) if r.layer_cosine else None})
         add_outputs(nb, table_output(pd.DataFrame(rows)))
         for alt, png in evolution_figures(diffs): add_outputs(nb, png_output(png, alt))
     add_markdown(nb, "## The circuit at each checkpoint")
-    circuits = circuit_results(run)
+    circuits = run.circuits()
     if bad := unfinished(run, "circuits"):
         add_markdown(nb, "Not finished in this run (no result shown for them):\n\n" + "\n".join(f"- {b}" for b in bad))
     if not circuits:
@@ -371,16 +333,16 @@ def evolution_page(run: Run, pages: dict[str, str]) -> nbformat.NotebookNode:
     else:
         rows = []
         for s, c in circuits.items():
-            row = {"step": s, "edges": c.get("n_edges"), "nodes": len(c.get("nodes") or [])}
+            row = {"step": s, "edges": c.n_edges, "nodes": len(c.nodes)}
             for key in ("CPR", "CMD", "area_random"):
-                if (c.get("summary") or {}).get(key) is not None: row[key] = c["summary"][key]
+                if c.summary.get(key) is not None: row[key] = c.summary[key]
             for key in ("jaccard_halves", "jaccard_variants", "heldout_faithfulness"):
-                if (c.get("robustness") or {}).get(key) is not None: row[key] = c["robustness"][key]
+                if c.robustness.get(key) is not None: row[key] = c.robustness[key]
             rows.append(row)
         add_outputs(nb, table_output(pd.DataFrame(rows)))
         setups = [{"step": s, "set-up": f"{r['spans']} / {r['corruption']}",
                    **{k: v for k, v in r.items() if k.startswith(("f@", "ci@", "edges@", "random@"))}, "area": r.get("area")}
-                  for s, c in circuits.items() for r in (c.get("setups") or [])]
+                  for s, c in circuits.items() for r in c.setups]
         if setups:
             add_markdown(nb, "Which set-up finds a circuit, at each checkpoint: faithfulness (95% interval over held-out "
                              "pairs) of the circuits at the smallest sizes, with their edges counted after pruning.")
@@ -461,25 +423,25 @@ def compare_page(runs: Sequence[Run]) -> nbformat.NotebookNode:
                          "`summcircuit report runs/default runs/gpt2-cnn ...`; the table below then has one row per run.")
     rows, kl, profiles = [], {}, {}
     for run in runs:
-        diffs = diff_results(run)
-        final = diffs[max(diffs)] if diffs else {}
-        d = final.get("diff", {})
-        circuits = circuit_results(run)
-        profile = circuits[max(circuits)].get("layer_profile") if circuits else None
+        diffs = run.diffs()
+        final = diffs[max(diffs)] if diffs else DiffFindings({})
+        kls, critical = final.layer_kl, final.critical_layers
+        circuits = run.circuits()
+        profile = circuits[max(circuits)].layer_profile if circuits else None
         bake = run_table(run, "peft", "bakeoff.csv")
         best = None
         if bake is not None and "rougeL" in bake.columns:
             b = bake.sort_values("rougeL", ascending=False).iloc[0]; best = f"{b[bake.columns[0]]} ({b['rougeL']:.3f})"
         rows.append({"run": run.name, "model": run.config.get("model"), "data set": run.config.get("dataset"),
-                     "aspect": run.config.get("aspect"), "layers": len(d["layer_kl"]) if d.get("layer_kl") else None,
-                     "critical layers": str(d.get("critical_layers", "n/a")),
-                     "critical layers (relative depth)": str([round((l + 0.5) / len(d["layer_kl"]), 2) for l in d["critical_layers"]])
-                         if d.get("critical_layers") and d.get("layer_kl") else "n/a",
-                     "share lower entropy": _fmt_ci(entropy_share(final)),
-                     "share lower normalized entropy": _fmt_ci(entropy_share(final, "normalized")),
+                     "aspect": run.config.get("aspect"), "layers": len(kls) or None,
+                     "critical layers": str(critical or "n/a"),
+                     "critical layers (relative depth)": str([round((l + 0.5) / len(kls), 2) for l in critical])
+                         if critical and kls else "n/a",
+                     "share lower entropy": _fmt_ci(final.entropy_share()),
+                     "share lower normalized entropy": _fmt_ci(final.entropy_share("normalized")),
                      "best bake-off variant (ROUGE-L)": best or "n/a"})
-        if d.get("layer_kl"): kl[run.name] = d["layer_kl"]
-        if profile: profiles[run.name] = profile[1:] if len(profile) == (len(d.get("layer_kl") or []) + 1) else profile
+        if kls: kl[run.name] = kls
+        if profile: profiles[run.name] = profile[1:] if len(profile) == len(kls) + 1 else profile
     add_markdown(nb, "## Summary")
     add_outputs(nb, table_output(pd.DataFrame(rows)))
     for title, data, ylabel in (("Layer KL profile (base vs final)", kl, "mean attention KL"),
@@ -504,34 +466,42 @@ def compare_page(runs: Sequence[Run]) -> nbformat.NotebookNode:
     return nb
 
 # %% ../nbs/11_report.ipynb #df1344f0
-def api_summary(module_name: str) -> str:
-    "Markdown listing the public names of `summcircuit.<module_name>` with signatures and docstrings."
-    mod = importlib.import_module(f"summcircuit.{module_name}")
-    lines = []
-    for name in getattr(mod, "__all__", []):
-        obj = getattr(mod, name, None)
-        if obj is None: continue
-        if inspect.isclass(obj) or inspect.isfunction(obj):
-            try: sig = str(inspect.signature(obj))
-            except (TypeError, ValueError): sig = ""
-            kind = "class" if inspect.isclass(obj) else "def"
-            doc = (inspect.getdoc(obj) or "").split("\n\n")[0].replace("\n", " ")
-            lines.append(f"- `{kind} {name}{sig}`" + (f" — {doc}" if doc else ""))
-        else:
-            lines.append(f"- `{name}` = `{html.escape(repr(obj))[:120]}`")
-    return "\n".join(lines)
+def _documented(source: str, mod) -> list:
+    """The public functions and classes an export cell of `mod` defines, in order; a `@patch`ed method as the
+    class's attribute (`Run.diff`)."""
+    try: tree = ast.parse(source)
+    except SyntaxError: return []
+    public, out = set(getattr(mod, "__all__", [])), []
+    for node in tree.body:
+        if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) or node.name.startswith("_"): continue
+        patched = any(getattr(d, "id", None) == "patch" for d in getattr(node, "decorator_list", []))
+        if patched and node.args.args and isinstance(ann := node.args.args[0].annotation, ast.Name):
+            out.append(getattr(getattr(mod, ann.id, None), node.name, None))
+        elif node.name in public: out.append(getattr(mod, node.name, None))
+    return [o for o in out if o is not None]
+
+def api_doc(obj) -> str:
+    "nbdev's `show_doc` of `obj` as markdown: its signature, docstring and, where its parameters carry comments, their table."
+    md = show_doc(obj)._repr_markdown_()
+    return re.sub(r"^\[source\]\([^)]*\)\{[^}]*\}\s*$", "", md, flags=re.M).strip()   # no link into a repository
 
 def api_page(notebook: str | Path, order: int) -> nbformat.NotebookNode | None:
-    "The API page of a library notebook (None for notebooks that export nothing)."
+    """The API page of a library notebook (None for notebooks that export nothing): the notebook itself, each export
+    cell followed by the `show_doc` of what it defines, as nbdev's documentation pages do."""
     nb = nbformat.read(str(notebook), as_version=4)
     m = next((re.search(r"^#\|\s*default_exp\s+(\S+)", c.source, re.M) for c in nb.cells
               if c.cell_type == "code" and re.search(r"^#\|\s*default_exp", c.source, re.M)), None)
     if not m: return None
+    mod = importlib.import_module(f"summcircuit.{m.group(1)}")
+    cells = []
+    for c in nb.cells:
+        cells.append(c)
+        if c.cell_type == "code" and re.match(r"#\|\s*export", c.source):
+            cells += [nbformat.v4.new_markdown_cell(api_doc(o)) for o in _documented(c.source, mod)]
+    nb.cells = cells
     page = clean_notebook(nb, order=order)
-    summary = api_summary(m.group(1))
-    intro = nbformat.v4.new_markdown_cell(f"**Module** `summcircuit.{m.group(1)}` — source notebook `nbs/{Path(notebook).name}`."
-                                          + (f"\n\n{summary}" if summary else ""))
-    page.cells.insert(1, intro)
+    page.cells.insert(1, nbformat.v4.new_markdown_cell(f"**Module** `summcircuit.{m.group(1)}` — source notebook "
+                                                       f"`nbs/{Path(notebook).name}`."))
     return page
 
 # %% ../nbs/11_report.ipynb #391c0983

@@ -186,7 +186,7 @@ def test_swap_is_the_default():
     assert {p.variant for p in build_pairs(docs, tok, progress=False)} == {"swap"}
     assert make_pair(docs[0], tok, donor=docs[1]).variant == "swap"
     import nbformat
-    nb = nbformat.read(str(Path(__file__).parents[1] / "nbs" / "04_corrupt.ipynb"), as_version=4)
+    nb = nbformat.read(str(Path(__file__).parents[1] / "nbs" / "stages" / "corrupt.ipynb"), as_version=4)
     params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     assert 'variant = "swap"' in params.source
 

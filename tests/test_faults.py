@@ -35,7 +35,7 @@ write('finetune/checkpoints.json', cks)""")
 def project(tmp_path, monkeypatch):
     "The stand-in repository of test_pipeline, its fine-tuning stand-in with a learning rate, a failure switch and real bytes."
     (tmp_path / "settings.ini").write_text("[DEFAULT]\n")
-    for name, (params, body) in {**tp.FAKES, "03_finetune.ipynb": FINETUNE}.items():
+    for name, (params, body) in {**tp.FAKES, "stages/finetune.ipynb": FINETUNE}.items():
         write_stage_notebook(tmp_path / "nbs" / name, params, body, title=name)
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "fake.yaml").write_text(tp.CONFIG)
@@ -64,10 +64,10 @@ def fake_run(folder: Path) -> Path:
     (folder / "finetune" / "checkpoint-2" / "model.safetensors").write_bytes(os.urandom(4096))
     save_json(folder / "finetune" / ".done.json", {"key": "k"})
     nb = nbformat.v4.new_notebook(); nb.cells = [nbformat.v4.new_markdown_cell("# Fine-tuning\n> stand-in")]
-    nbformat.write(nb, str(folder / "03_finetune.ipynb"))
+    nbformat.write(nb, str(folder / "finetune.ipynb"))
     save_json(folder / "pipeline.json", {"config": {"name": "r", "model": "tiny-llama", "dataset": "synthetic"},
               "jobs": [{"stage": "finetune", "job": "finetune", "title": "Fine-tuning", "status": "ran",
-                        "executed": "03_finetune.ipynb"}]})
+                        "executed": "finetune.ipynb"}]})
     return folder
 
 
@@ -112,7 +112,7 @@ def test_report_renders_beside_the_old_site_and_replaces_it_only_on_success(tmp_
 # 2. `--set` values validated before anything is cleared; nothing deleted before its replacement succeeded ---------------
 
 @pytest.mark.parametrize("setting, message", [
-    ("finetune.max_steps=abc", "finetune.max_steps='abc' is not allowed: 03_finetune.ipynb takes an integer"),
+    ("finetune.max_steps=abc", "finetune.max_steps='abc' is not allowed: finetune.ipynb takes an integer"),
     ("finetune.max_steps=2.5", "finetune.max_steps=2.5 is not allowed"),
     ("diff.n_examples=true", "diff.n_examples=True is not allowed"),
     ("device=gpu", "device='gpu' is not allowed: use auto, cpu, cuda, cuda:N (N a GPU number) or mps"),
@@ -149,7 +149,7 @@ def test_the_real_notebooks_parameters_are_typed_and_both_configurations_pass():
             except Exception as e:
                 assert type(e).__name__ == "StageNotReady", (name, stage.name, e)
     cfg = load_config("smoke", ["finetune.max_steps=abc"], configs_dir=ROOT / "configs")
-    with pytest.raises(ValueError, match=r"finetune.max_steps='abc' is not allowed: 03_finetune.ipynb takes an integer or null"):
+    with pytest.raises(ValueError, match=r"finetune.max_steps='abc' is not allowed: finetune.ipynb takes an integer or null"):
         stage_parameters(stage_named("finetune"), cfg, ROOT / "nbs")
     for setting, message in (("circuits.corruption=blur", "use one of swap, mask, counterfactual"),
                              ("circuits.method=acdc", "use one of eap, eap-corrupted, eap-ig, eap-ig-activations"),
@@ -169,7 +169,7 @@ def test_a_failing_rerun_with_new_parameters_puts_the_old_results_back(project, 
     assert run("--set", "finetune.max_steps=2", "--set", "finetune.fail=true") == 1
     out, err = capsys.readouterr()
     assert "moved the old results aside" in out and "cleared" not in out
-    failed = tp.folder_of(project) / "03_finetune.failed.ipynb"
+    failed = tp.folder_of(project) / "finetune.failed.ipynb"
     assert "fine-tuning was asked to fail" in err and str(failed) in err and failed.exists()
     assert folder_hash(tp.folder_of(project)) == before                       # checkpoints and notebook restored
     assert not (tp.folder_of(project) / ".stale").exists()
@@ -360,8 +360,8 @@ CIRCUITS = (tp.COMMON + "checkpoint = None\nstep = 0\nevolution = False\nevoluti
 def test_stale_circuits_of_an_earlier_checkpoints_choice_are_never_read(project):
     from summcircuit.lora import circuit_selection_of_run
     from summcircuit.core import Run
-    from summcircuit.report import circuit_results
-    write_stage_notebook(project / "nbs" / "08_circuits.ipynb", *CIRCUITS, title="08_circuits.ipynb")
+    import summcircuit.circuits  # noqa: F401  (adds Run.circuits)
+    write_stage_notebook(project / "nbs" / "stages" / "circuits.ipynb", *CIRCUITS, title="circuits.ipynb")
     assert run() == 0                                                          # checkpoints: all -> steps 0, 2, 4
     folder = tp.folder_of(project)
     save_json(folder / "circuits" / "step-99" / "circuit.json", {"step": 99, "nodes": ["a9.h9"], "layer_profile": [0, 1]})
@@ -370,13 +370,13 @@ def test_stale_circuits_of_an_earlier_checkpoints_choice_are_never_read(project)
     last = [e for e in tp.executions(project) if e["stage"] == "circuits"][-1]
     assert last["evolution"] and last["evolution_steps"] == [0, 2]             # the stage compares this run's steps only
     run_ = Run.load(folder)
-    assert sorted(circuit_results(run_)) == [0, 2]
+    assert sorted(run_.circuits()) == [0, 2]
     assert circuit_selection_of_run(folder, mode="heads") == [(2, 0)]          # not step-99's or step-4's heads
 
 
 def test_a_failed_final_diff_is_shown_as_failed_never_replaced(tmp_path):
     from summcircuit.core import Run
-    from summcircuit.report import diff_results, evolution_page, headline_findings, home_page
+    from summcircuit.report import evolution_page, headline_findings, home_page
     folder = fake_run(tmp_path / "runs" / "r")
     share = {"share_heads_lower_entropy": {"raw": {"share": 0.9, "ci_low": 0.8, "ci_high": 0.95}}, "critical_layers": [7]}
     save_json(folder / "diff_checkpoints" / "step-2" / "diff" / "results.json", {"diff": share})
@@ -389,7 +389,7 @@ def test_a_failed_final_diff_is_shown_as_failed_never_replaced(tmp_path):
                         "reason": "CUDA out of memory"}]
     save_json(folder / "pipeline.json", record)
     run_ = Run.load(folder)
-    assert list(diff_results(run_)) == [2]
+    assert list(run_.diffs()) == [2]
     findings = "\n".join(headline_findings(run_))
     assert "**Differential analysis** (base vs final): failed (CUDA out of memory); no finding is shown in its place" in findings
     assert "Attention entropy" not in findings and "[7]" not in findings and "[9]" not in findings
@@ -472,14 +472,12 @@ def test_diff_and_rouge_stop_on_nan_weights_and_an_empty_target(tiny_pairs):
 def test_bakeoff_training_that_diverges_stops_with_the_fix():
     "A bake-off variant whose validation loss goes non-finite stops, naming the stage and the learning rate to lower."
     from summcircuit.data import synthetic_examples
-    from summcircuit.finetune import TrainingConfig
-    from summcircuit.lora import train_lora
+    from summcircuit.lora import BakeoffConfig, train_lora
     from summcircuit.models import load_model
     lm = load_model("tiny-gpt2", device="cpu")
-    cfg = TrainingConfig(max_source_tokens=64, bakeoff_batch_size=2, bakeoff_max_steps=2, eval_every=1, patience=5,
-                         bakeoff_learning_rate=1e30)
+    cfg = BakeoffConfig(max_source_tokens=64, batch_size=2, max_steps=2, eval_every=1, patience=5, learning_rate=1e30)
     with pytest.raises(ValueError, match=r"Stage PEFT bake-off: training diverged \(validation loss .* at step \d+\); "
-                                         r"lower bakeoff_learning_rate \(now 1e\+30\)"):
+                                         r"lower the bake-off's learning rate \(the stage's bakeoff_learning_rate; now 1e\+30\)"):
         train_lora(lm, synthetic_examples(4), synthetic_examples(2, seed=1), layers=[0], rank=2, cfg=cfg, progress=False)
 
 

@@ -131,7 +131,7 @@ def test_bad_input_fails_clearly_and_overwrites_nothing(tmp_path):
         finetune(lm, TRAIN[:4], VAL, folder, TrainingConfig(max_source_tokens=64, batch_size=2, max_steps=3,
                                                             checkpoint_every=1, learning_rate=1e-3))
     assert snapshot(folder) == before                    # nothing already saved was touched
-    with pytest.raises(FileNotFoundError, match="papermill nbs/03_finetune.ipynb"):
+    with pytest.raises(FileNotFoundError, match="papermill nbs/stages/finetune.ipynb"):
         load_checkpoints(tmp_path / "other-run")
     (folder / "checkpoint-1" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="checkpoint-1 .step 1. has no model weights"):

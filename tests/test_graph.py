@@ -190,11 +190,11 @@ def test_corrupted_run_reused_across_graphs(lm):
     mask = g.edges.clone()
     for s, src, dst in patched: mask[s, _src_index(g, src), _dst_index(g, dst)] = False
     ref = _reference_patched_positional(lm, b, corr, patched, g.span_ids(b))
-    ours = run_with_patched_edges(lm, b, corr, mask, g, run)
+    ours = run_with_patched_edges(lm, b, corr, mask, g, corrupted_run=run)
     torch.testing.assert_close(ours[keep], ref[keep], atol=1e-4, rtol=0)
     for other in (Graph(lm.spec), Graph(lm.spec, "tokens", n_positions=b.input_ids.shape[1])):
         m = torch.rand(other.shape, generator=torch.Generator().manual_seed(4)) < 0.5
-        torch.testing.assert_close(run_with_patched_edges(lm, b, corr, m, other, run)[keep],
+        torch.testing.assert_close(run_with_patched_edges(lm, b, corr, m, other, corrupted_run=run)[keep],
                                    run_with_patched_edges(lm, b, corr, m, other)[keep], atol=1e-5, rtol=0)
 
 

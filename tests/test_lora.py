@@ -10,13 +10,13 @@ import torch
 from transformers import TrainerControl, TrainerState
 
 from summcircuit.data import synthetic_examples
-from summcircuit.finetune import TrainingConfig
-from summcircuit.lora import (KeepBest, add_lora, full, lora_circuit, lora_random, lora_targets, run_variant,
+from summcircuit.evaluate import RougeConfig
+from summcircuit.lora import (BakeoffConfig, KeepBest, add_lora, full, lora_circuit, lora_random, lora_targets, run_variant,
                               trainable_parameters, train_lora)
 from summcircuit.models import load_model, tiny_model
 
-CFG = TrainingConfig(max_source_tokens=64, bakeoff_batch_size=2, bakeoff_max_steps=3, eval_every=3, patience=5,
-                     warmup_steps=0, bakeoff_learning_rate=2e-2, max_new_tokens=4, lora_alpha=8)
+CFG = BakeoffConfig(max_source_tokens=64, batch_size=2, max_steps=3, eval_every=3, patience=5,
+                    warmup_steps=0, learning_rate=2e-2, lora_alpha=8, rouge=RougeConfig(max_new_tokens=4))
 TRAIN, VAL = synthetic_examples(6), synthetic_examples(2, seed=9)
 MODULE_SETS = [m for k in (1, 2, 3) for m in combinations(("q", "k", "v", "o", "mlp"), k)]
 

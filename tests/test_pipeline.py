@@ -26,7 +26,7 @@ def write(rel, obj):
     p = folder / rel; p.parent.mkdir(parents=True, exist_ok=True); p.write_text(json.dumps(obj))
 """
 FAKES = {
-    "03_finetune.ipynb": (COMMON + "max_steps = 4\ncheckpoint_every = 2\n",
+    "stages/finetune.ipynb": (COMMON + "max_steps = 4\ncheckpoint_every = 2\n",
         PRELUDE + """log('finetune', max_steps=max_steps)
 cks = []
 for step in range(0, max_steps + 1, checkpoint_every):
@@ -34,20 +34,20 @@ for step in range(0, max_steps + 1, checkpoint_every):
     if step: (folder / 'finetune' / path).mkdir(parents=True, exist_ok=True); (folder / 'finetune' / path / 'config.json').write_text('{}'); (folder / 'finetune' / path / 'model.safetensors').write_text('')
     cks.append({'step': step, 'path': path, 'val_loss': 5.0 - step / 10})
 write('finetune/checkpoints.json', cks)"""),
-    "03b_evaluate.ipynb": (COMMON + "checkpoints = 'ends'\nn_examples = None\n",
+    "stages/evaluate.ipynb": (COMMON + "checkpoints = 'ends'\nn_examples = None\n",
         PRELUDE + "log('evaluate', checkpoints=checkpoints)\nwrite('evaluate/done.json', checkpoints)"),
-    "04_corrupt.ipynb": (COMMON + "checkpoint = None\nn_examples = 8\n",
+    "stages/corrupt.ipynb": (COMMON + "checkpoint = None\nn_examples = 8\n",
         PRELUDE + "log('corrupt', checkpoint=checkpoint)\nwrite('corrupt/summary.json', {'checkpoint': checkpoint})"),
-    "05_diff.ipynb": (COMMON + "checkpoint_a = None\ncheckpoint_b = None\nn_examples = 8\n",
+    "stages/diff.ipynb": (COMMON + "checkpoint_a = None\ncheckpoint_b = None\nn_examples = 8\n",
         PRELUDE + "log('diff', run_name=run_name, checkpoint_b=checkpoint_b, n_examples=n_examples)\n"
                   "write('diff/results.json', {'checkpoint_b': checkpoint_b})"),
-    "08_circuits.ipynb": (COMMON + "checkpoint = None\nstep = 0\nevolution = False\n",
+    "stages/circuits.ipynb": (COMMON + "checkpoint = None\nstep = 0\nevolution = False\n",
         PRELUDE + "import time\nstart = time.time(); time.sleep(float(os.environ.get('FAKE_SLEEP', 0)))\n"
                   "log('circuits', checkpoint=checkpoint, step=step, evolution=evolution, start=start, end=time.time(),\n"
                   "    threads=os.environ.get('OMP_NUM_THREADS'))\n"
                   "assert str(step) != os.environ.get('FAKE_FAIL_STEP'), f'asked to fail at step {step}'\n"
                   "write(f'circuits/step-{step}/circuit.json', {'checkpoint': checkpoint, 'step': step})"),
-    "09_peft.ipynb": (COMMON + "fail = False\nseeds = None\n",
+    "stages/peft.ipynb": (COMMON + "fail = False\nseeds = None\n",
         PRELUDE + "log('peft')\nif fail: raise ValueError('the bake-off was asked to fail')\nwrite('peft/done.json', True)"),
 }
 CONFIG = """name: fake
@@ -106,8 +106,8 @@ def test_first_run_executes_every_job_with_the_right_parameters(project, capsys)
     assert log[1]["checkpoints"] == "ends"                             # a fixed parameter of the stage table
     # every executed notebook and every record of success is in the run folder
     folder = project / "runs" / "fake"
-    for nb in ["03_finetune", "03b_evaluate", "04_corrupt", "05_diff", "05_diff_step-2",
-               "08_circuits_step-0", "08_circuits_step-4", "09_peft"]:
+    for nb in ["finetune", "evaluate", "corrupt", "diff", "diff_step-2",
+               "circuits_step-0", "circuits_step-4", "peft"]:
         assert (folder / f"{nb}.ipynb").exists(), nb
     for done in ["finetune", "diff", "diff_checkpoints/step-2", "circuits/step-0", "circuits/step-4", "peft"]:
         assert load_json(folder / done / ".done.json")["key"]
@@ -146,14 +146,14 @@ def test_a_failure_keeps_earlier_results_names_the_notebook_and_a_rerun_resumes(
     monkeypatch.setenv("FAKE_FAIL_STEP", "2")                         # the circuit of step 2 crashes, this time
     assert run() == 1
     err = capsys.readouterr().err
-    executed = project / "runs" / "fake" / "08_circuits_step-2.ipynb"
+    executed = project / "runs" / "fake" / "circuits_step-2.ipynb"
     assert "Stage 'circuits'" in err and str(executed) in err and "asked to fail at step 2" in err
     assert "Traceback" not in err
     nb = nbformat.read(str(executed), as_version=4)                  # the failed notebook is there, with the error
     assert any(o.get("output_type") == "error" for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert load_json(project / "runs/fake/diff/results.json")         # earlier stages' results are intact
     assert not (project / "runs/fake/circuits/step-2/.done.json").exists()
-    assert not (project / "runs/fake/09_peft.ipynb").exists()         # nothing after the failure ran
+    assert not (project / "runs/fake/peft.ipynb").exists()         # nothing after the failure ran
     n = len(executions(project))
     monkeypatch.delenv("FAKE_FAIL_STEP")
     assert run() == 0                                                # the same command resumes where it stopped
@@ -166,13 +166,13 @@ def test_failure_of_the_last_stage_exits_non_zero(project, capsys):
     assert run("--set", "peft.fail=true") == 1
     err = capsys.readouterr().err
     assert "Stage 'peft'" in err and "the bake-off was asked to fail" in err
-    assert str(project / "runs" / "fake" / "09_peft.ipynb") in err
+    assert str(project / "runs" / "fake" / "peft.ipynb") in err
 
 
 def test_bad_configurations_are_refused_before_anything_runs(project, capsys):
     assert run("--set", "diff.n_exampels=5") == 2                     # a misspelled parameter
     err = capsys.readouterr().err
-    assert "n_exampels" in err and "05_diff.ipynb has no such parameter" in err
+    assert "n_exampels" in err and "diff.ipynb has no such parameter" in err
     assert executions(project) == []                                  # nothing ran
     assert main(["run", "--config", "nothing", "--no-report"]) == 2
     assert "pass a configuration name (fake)" in capsys.readouterr().err
@@ -182,9 +182,9 @@ def test_bad_configurations_are_refused_before_anything_runs(project, capsys):
 
 
 def test_a_stage_whose_notebook_is_not_ready_is_skipped_with_its_dependents(project, capsys):
-    nb = nbformat.read(str(project / "nbs" / "08_circuits.ipynb"), as_version=4)
+    nb = nbformat.read(str(project / "nbs" / "stages" / "circuits.ipynb"), as_version=4)
     nb.cells[1].metadata["tags"] = []                                  # a library notebook without parameters
-    nbformat.write(nb, str(project / "nbs" / "08_circuits.ipynb"))
+    nbformat.write(nb, str(project / "nbs" / "stages" / "circuits.ipynb"))
     assert run() == 0
     assert [e["stage"] for e in executions(project)] == ["finetune", "evaluate", "corrupt", "diff", "diff"]
     out = capsys.readouterr().out
@@ -193,7 +193,7 @@ def test_a_stage_whose_notebook_is_not_ready_is_skipped_with_its_dependents(proj
 
 
 def test_keys_depend_on_parameters_upstream_and_notebook_source_but_not_outputs(project):
-    nb_path = project / "nbs" / "05_diff.ipynb"
+    nb_path = project / "nbs" / "stages" / "diff.ipynb"
     run_folder = project / "runs" / "fake"
     base = job_key({"n": 1}, {"finetune": "a"}, nb_path, run_folder)
     assert job_key({"n": 1}, {"finetune": "a"}, nb_path, run_folder) == base
@@ -225,20 +225,6 @@ def test_the_real_stage_notebooks_take_the_parameters_the_configurations_set():
             wanted = set(cfg.stage_params(stage.name)) | set(stage.fixed)
             assert wanted <= set(declared), (name, stage.name, wanted - set(declared))
             if stage.checkpoint_param: assert stage.checkpoint_param in declared, (stage.name, stage.checkpoint_param)
-
-
-def test_cells_tagged_demo_are_left_out_of_a_run(project):
-    "A stage's tiny demonstrations (cells tagged `demo`) run under nbdev_test, not in the pipeline."
-    path = project / "nbs" / "04_corrupt.ipynb"
-    nb = nbformat.read(str(path), as_version=4)
-    demo = nbformat.v4.new_code_cell("raise RuntimeError('a demo cell ran in the pipeline')")
-    demo.metadata["tags"] = ["demo"]
-    nb.cells.insert(1, demo)
-    nbformat.write(nb, str(path))
-    assert run() == 0
-    executed = nbformat.read(str(folder_of(project) / "04_corrupt.ipynb"), as_version=4)
-    assert not any("a demo cell ran" in c.source for c in executed.cells)
-    assert load_json(folder_of(project) / "corrupt" / "summary.json")["checkpoint"].endswith("checkpoint-4")
 
 
 def test_keys_follow_the_library_modules_a_notebook_uses_transitively(tmp_path):
