@@ -38,6 +38,7 @@ class GIM:
     @property
     def active(self) -> bool: return self.norm_freeze or self.softmax_temperature is not None or self.qkv_scale
 
+# %% ../nbs/07_attribute.ipynb #e0603ec5
 QK_SCALE, V_SCALE, GATE_SCALE = 0.25, 0.5, 0.5
 
 def as_gim(gim: GIM | bool | None) -> GIM:
@@ -49,6 +50,7 @@ def _straight_through(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Ten
     "Exactly `value` in the forward pass, the gradient of `surrogate` in the backward pass."
     return value.detach() + (surrogate - surrogate.detach())
 
+# %% ../nbs/07_attribute.ipynb #9f003802
 def _freeze_norm(lm: LoadedModel, mod, where: str, l: int | None = None):
     "Inside a trace: make norm `mod`'s output straight-through to its frozen-scale version; return its input."
     x = mod.input
@@ -56,11 +58,13 @@ def _freeze_norm(lm: LoadedModel, mod, where: str, l: int | None = None):
     mod.output = _straight_through(mod.output, frozen)
     return x
 
+# %% ../nbs/07_attribute.ipynb #e3974ce2
 def _temper_softmax(sm, temperature: float) -> None:
     "Inside a trace: give the attention softmax `sm` (`ArchSpec.attn_softmax`) the gradient of T·softmax(x / T), same values."
     scores = sm.input
     sm.output = _straight_through(sm.output, temperature * torch.softmax(scores.float() / temperature, dim=-1))
 
+# %% ../nbs/07_attribute.ipynb #6015c614
 def _check_eager(lm: LoadedModel) -> None:
     impl = lm.hf.config._attn_implementation
     if impl != "eager":
@@ -68,6 +72,7 @@ def _check_eager(lm: LoadedModel) -> None:
                          "kernel never materializes: load the model with attn_implementation=\"eager\" "
                          "(summcircuit.models.load_model always does).")
 
+# %% ../nbs/07_attribute.ipynb #5c47cf37
 @contextmanager
 def frozen_parameters(module: torch.nn.Module):
     "Switch off `requires_grad` of every parameter for the duration (restoring it after)."
@@ -77,6 +82,7 @@ def frozen_parameters(module: torch.nn.Module):
     finally:
         for p in params: p.requires_grad_(True)
 
+# %% ../nbs/07_attribute.ipynb #8ac362b9
 def destination_gradients(lm: LoadedModel, batch: Batch, gim: GIM = GIM(), graph: Graph | None = None,
                           layer0_input: torch.Tensor | None = None, out: torch.Tensor | None = None,
                           weight: float = 1.0, absorb: Callable[[slice, torch.Tensor], None] | None = None,
@@ -103,6 +109,7 @@ def destination_gradients(lm: LoadedModel, batch: Batch, gim: GIM = GIM(), graph
             _read_gradients(spec, gim, seen, grads)
     return _pull_back(lm, graph, grads, [x.detach() for x in seen["norm_in"]], gim, out, weight, absorb), metric.detach()
 
+# %% ../nbs/07_attribute.ipynb #0e9f98a5
 def _record_forward(lm: LoadedModel, gim: GIM, layer0_input: torch.Tensor | None, replace, seen: dict) -> None:
     """Inside a trace: make the layer-0 input the only leaf that needs a gradient (weight gradients are never
     computed), put GIM's forward-identical surrogates in place, and keep what the backward pass reads: every norm's
@@ -130,6 +137,7 @@ def _record_forward(lm: LoadedModel, gim: GIM, layer0_input: torch.Tensor | None
     x = _freeze_norm(lm, final, "final") if gim.norm_freeze else final.input
     seen["norm_in"].append(x.save()); seen["norm_out"].append(final.output)
 
+# %% ../nbs/07_attribute.ipynb #7f97d5d8
 def _rescale_gradient(t, scale) -> torch.Tensor:
     "The gradient arriving at `t` times `scale` (a number, or a vector over its last dim), which then flows on in its place."
     g = t.grad
@@ -137,12 +145,14 @@ def _rescale_gradient(t, scale) -> torch.Tensor:
     t.grad = g
     return g
 
+# %% ../nbs/07_attribute.ipynb #c2189870
 def _qkv_scales(spec: ArchSpec) -> list:
     "GIM's q/k/v gradient scales, one per projection module (GPT-2's fused q|k|v: one vector over its outputs)."
     if len(spec.qkv_proj) == 1:
         return [torch.cat([torch.full((2 * spec.d_model,), QK_SCALE), torch.full((spec.d_model,), V_SCALE)])]
     return [QK_SCALE, QK_SCALE, V_SCALE]
 
+# %% ../nbs/07_attribute.ipynb #12aa93a5
 def _read_gradients(spec: ArchSpec, gim: GIM, seen: dict[str, list], grads: dict) -> None:
     """Inside the backward pass, in the order gradients arrive (last layer first; within a layer the MLP, then v,
     k, q): the final norm's and each MLP norm's output gradients and each layer's q/k/v projection gradients,
@@ -157,6 +167,7 @@ def _read_gradients(spec: ArchSpec, gim: GIM, seen: dict[str, list], grads: dict
         got = [t.grad if scales is None else _rescale_gradient(t, s) for t, s in zip(reversed(outs), reversed(scales or outs))]
         grads[("qkv", l)] = torch.cat(got[::-1], dim=-1).save()
 
+# %% ../nbs/07_attribute.ipynb #95a435b4
 @torch.no_grad()       # the weights require gradients again here: no graph may grow over the passes
 def _pull_back(lm: LoadedModel, graph: Graph, grads: dict, norm_in: list, gim: GIM, out: torch.Tensor | None = None,
                weight: float = 1.0, absorb: Callable[[slice, torch.Tensor], None] | None = None) -> torch.Tensor | None:
@@ -260,6 +271,7 @@ class EdgeScoreSum:
         self._flush()
         return self._input_row
 
+# %% ../nbs/07_attribute.ipynb #51ae0a48
 def edge_scores(graph: Graph, delta: torch.Tensor, grads: torch.Tensor, layout: SpanLayout | None = None) -> torch.Tensor:
     """Σ over batch, positions (of each span) and d_model of Δz_u · ∂m/∂x_v for every edge, float32, of `graph.shape`.
     On a positional graph `delta` is sorted by span in place (`layout.sort_`)."""
@@ -323,6 +335,7 @@ class Attribution:
         meta.update(schema=self.graph.schema, n_positions=self.graph.n_positions)
         return save_json(folder / "attribution.json", meta)
 
+# %% ../nbs/07_attribute.ipynb #f5df05d4
 def load_attribution(folder: str | Path, spec: ArchSpec) -> Attribution:
     "Read an `Attribution` saved by `Attribution.save` for a model with `spec`."
     folder = Path(folder)
@@ -340,20 +353,24 @@ def _check_options(method: str, ig_steps, ig_rule: str) -> None:
         raise ValueError(f"ig_steps must be a whole number >= 1, got {ig_steps!r}.")
     if ig_rule not in IG_RULES: raise ValueError(f"Unknown ig_rule {ig_rule!r}: use one of {IG_RULES}.")
 
+# %% ../nbs/07_attribute.ipynb #d6720ec7
 def ig_alphas(ig_steps: int, ig_rule: str = "left") -> list[float]:
     "The interpolation points α_k of EAP-IG: k/m (left Riemann sum), (k + ½)/m (midpoint) or (k + 1)/m (right), k = 0…m−1."
     return [(k + {"left": 0.0, "midpoint": 0.5, "right": 1.0}[ig_rule]) / ig_steps for k in range(ig_steps)]
 
+# %% ../nbs/07_attribute.ipynb #39bb8cbc
 def _buffer_bytes(stream_scores: bool | None, size: int) -> float:
     "How many bytes of destination gradients `attribute` sums before scoring, of `size` in all."
     if stream_scores is None: return size if size <= STREAM_ABOVE_BYTES else STREAM_BUFFER_BYTES
     return 0 if stream_scores else size
 
+# %% ../nbs/07_attribute.ipynb #a4686faf
 def _graph_for(lm: LoadedModel, spans: str | Graph, batches) -> Graph:
     if isinstance(spans, Graph): return spans
     n_positions = max(c.input_ids.shape[1] for c, _ in batches) if spans == "tokens" else None
     return Graph(lm.spec, spans, n_positions)
 
+# %% ../nbs/07_attribute.ipynb #394cd702
 def _layer_outputs(graph: Graph, z: torch.Tensor) -> dict[tuple[str, int], torch.Tensor]:
     "Each layer's attention output (its heads' sum) and MLP output from node outputs `z` `[n_sources, b, pos, d]`."
     H, out = graph.spec.n_heads, {}
@@ -362,6 +379,7 @@ def _layer_outputs(graph: Graph, z: torch.Tensor) -> dict[tuple[str, int], torch
         out["attn", l], out["mlp", l] = z[first:first + H].sum(0), z[graph.mlp_source(l)].clone()
     return out
 
+# %% ../nbs/07_attribute.ipynb #e51bcf8a
 def _ig_activation_gradients(lm: LoadedModel, clean: Batch, gim: GIM, graph: Graph, emb_corr: torch.Tensor,
                              emb_clean: torch.Tensor, corr: dict, delta: dict, alphas: list[float], kw: dict,
                              progress: bool = False) -> None:
@@ -373,6 +391,7 @@ def _ig_activation_gradients(lm: LoadedModel, clean: Batch, gim: GIM, graph: Gra
         for a in alphas:
             destination_gradients(lm, clean, gim, graph, weight=weight, replace=(where, l, c + a * delta[where, l]), **kw)
 
+# %% ../nbs/07_attribute.ipynb #606d219c
 def attribute(lm: LoadedModel,                          # the model (`load_model`)
               pairs: Sequence,                          # clean/corrupted pairs: `(clean, corrupted)` prompts or `Pair`s
               method: str = "eap-ig",                   # one of `METHODS`
@@ -442,6 +461,7 @@ def attribute(lm: LoadedModel,                          # the model (`load_model
     _warn_incomplete(att)
     return att
 
+# %% ../nbs/07_attribute.ipynb #914e09b9
 def _warn_incomplete(att: Attribution) -> None:
     "Warn when EAP-IG's input-row sum misses a pair's measured gap by more than `COMPLETENESS_TOLERANCE`."
     if att.method != "eap-ig" or att.gim.active: return          # only plain EAP-IG is complete by construction

@@ -38,18 +38,21 @@ def _ownership(graph: Graph, device) -> tuple[torch.Tensor, torch.Tensor, torch.
     own, kv = graph.owners.to(device).float(), graph.kv_destinations.to(device)
     return own * (~kv)[:, None], own * kv[:, None], graph.span_reads.to(device).float()
 
+# %% ../nbs/08_circuits.ipynb #a39c0473
 def read_by(nodes: torch.Tensor, graph: Graph) -> torch.Tensor:
     "Destinations `[S, n_dst]` read by some node instance in boolean `nodes` `[S, n_src]`."
     local, kv, reads = _ownership(graph, nodes.device)
     x = nodes.float()
     return ((x @ local.T) > 0) | ((reads.T @ (x @ kv.T)) > 0)
 
+# %% ../nbs/08_circuits.ipynb #9b950d77
 def readers(dests: torch.Tensor, graph: Graph) -> torch.Tensor:
     "Node instances `[S, n_src]` that read some destination in boolean `dests` `[S, n_dst]`."
     local, kv, reads = _ownership(graph, dests.device)
     x = dests.float()
     return ((x @ local) > 0) | ((reads @ (x @ kv)) > 0)
 
+# %% ../nbs/08_circuits.ipynb #ce1cdbc6
 def prune(circuit: torch.Tensor, graph: Graph) -> torch.Tensor:
     "Drop edges until every node in `circuit` (but the input) has an incoming and (but the logits) an outgoing edge."
     c = graph.stacked(circuit) & graph.stacked(graph.edges).to(circuit.device)
@@ -67,6 +70,7 @@ def top_n_circuit(scores: torch.Tensor, graph: Graph, n: int, absolute: bool = T
     if keep is None: return prune(top_n_mask(scores, graph, n, absolute), graph)
     return prune(top_n_mask(scores, graph, n, absolute, among=~keep) | keep.to(scores.device), graph)
 
+# %% ../nbs/08_circuits.ipynb #bcacdd18
 def greedy_circuit(scores: torch.Tensor, graph: Graph, n: int, absolute: bool = True) -> torch.Tensor:
     "Grow `n` edges backwards from the logits, each into a destination read by a node already in the circuit; prune."
     check_scores(scores)
@@ -95,6 +99,7 @@ class Baselines:
     full_per_pair: list[float] = field(default_factory=list)
     empty_per_pair: list[float] = field(default_factory=list)
 
+# %% ../nbs/08_circuits.ipynb #3940c33d
 @dataclass
 class PatchBatch:
     "An aligned clean/corrupted batch with the corrupted run's node outputs (and, for KL, the clean logits), made once."
@@ -104,6 +109,7 @@ class PatchBatch:
     clean_logits: torch.Tensor | None = None
     clean_run: CorruptedRun | None = None    # the clean run cached the same way, for masks close to full
 
+# %% ../nbs/08_circuits.ipynb #51d95a51
 def patch_batches(lm: LoadedModel, pairs: Sequence, batch_size: int = 4, metric: str | Callable = "summary_logprob",
                   graph: Graph | None = None) -> list[PatchBatch]:
     """Batch `pairs` and run the corrupted inputs once (and the clean ones, when `metric` compares with them). With
@@ -114,10 +120,12 @@ def patch_batches(lm: LoadedModel, pairs: Sequence, batch_size: int = 4, metric:
         out.append(PatchBatch(c, k, CorruptedRun.of(lm, c, k, graph), logits))
     return out
 
+# %% ../nbs/08_circuits.ipynb #7089123b
 def as_patch_batches(lm: LoadedModel, pairs: Sequence, batch_size: int, metric, graph: Graph | None = None) -> list[PatchBatch]:
     "`pairs` as they are when already `PatchBatch`es, else `patch_batches`."
     return list(pairs) if pairs and isinstance(pairs[0], PatchBatch) else patch_batches(lm, pairs, batch_size, metric, graph)
 
+# %% ../nbs/08_circuits.ipynb #3386d45c
 def circuit_metrics(lm: LoadedModel, batches: Sequence[PatchBatch], circuit: torch.Tensor, graph: Graph,
                     metric: str | Callable = "summary_logprob") -> list[float]:
     "The metric of every pair with every edge outside `circuit` patched to its corrupted value."
@@ -131,11 +139,13 @@ def circuit_metrics(lm: LoadedModel, batches: Sequence[PatchBatch], circuit: tor
                          "pair without target tokens; check the model and the pairs.")
     return out
 
+# %% ../nbs/08_circuits.ipynb #a2df4770
 def circuit_metric(lm: LoadedModel, batches: Sequence[PatchBatch], circuit: torch.Tensor, graph: Graph,
                    metric: str | Callable = "summary_logprob") -> float:
     "Mean metric with every edge outside `circuit` patched to its corrupted value."
     return float(np.mean(circuit_metrics(lm, batches, circuit, graph, metric)))
 
+# %% ../nbs/08_circuits.ipynb #54166c43
 def baselines(lm: LoadedModel, batches: Sequence[PatchBatch], graph: Graph, metric: str | Callable = "summary_logprob") -> Baselines:
     """The full model's and the empty circuit's metric on `batches`. The full circuit is the clean run (every
     edge carries its clean value), so it costs one plain forward."""
@@ -146,6 +156,7 @@ def baselines(lm: LoadedModel, batches: Sequence[PatchBatch], graph: Graph, metr
     empty = circuit_metrics(lm, batches, torch.zeros_like(graph.edges), graph, metric)
     return Baselines(float(np.mean(full)), float(np.mean(empty)), full, empty)
 
+# %% ../nbs/08_circuits.ipynb #50748589
 def faithfulness(metric: float, base: Baselines) -> float:
     "f(C) = (m(C) − m(∅)) / (m(full) − m(∅)), on means over pairs."
     if abs(base.full - base.empty) < 1e-9:
@@ -153,6 +164,7 @@ def faithfulness(metric: float, base: Baselines) -> float:
                          "so faithfulness is undefined. Check the corruption (salient sentences masked?).")
     return (metric - base.empty) / (base.full - base.empty)
 
+# %% ../nbs/08_circuits.ipynb #900fe2b0
 def faithfulness_interval(per_pair: Sequence[float], base: Baselines, confidence: float = 0.95,
                           n_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
     "A paired percentile-bootstrap interval over pairs of f(C), the ratio of means (pairs resampled jointly)."
@@ -169,6 +181,7 @@ def area(fractions: Sequence[float], values: Sequence[float]) -> float:
     "Trapezoid area of `values` over `fractions` (the share of edges in the circuit), as MIB integrates."
     return float(np.trapezoid(values, fractions))
 
+# %% ../nbs/08_circuits.ipynb #466f8b02
 def random_circuit(graph: Graph, n: int, rng: random.Random, max_stall: int = 200) -> torch.Tensor:
     "A random circuit of at least `n` edges (at most one path more) that pruning leaves whole: random paths, then fill."
     n = min(n, graph.n_edges)
@@ -196,6 +209,7 @@ def random_circuit(graph: Graph, n: int, rng: random.Random, max_stall: int = 20
         c.view(-1)[free[torch.randperm(len(free), generator=gen)[:missing]]] = True
     return c if graph.positional else c[0]
 
+# %% ../nbs/08_circuits.ipynb #f70cfaca
 @dataclass
 class FaithfulnessCurve:
     "Faithfulness of circuits of growing size for one selection rule, with intervals and a size-matched random baseline."
@@ -220,10 +234,22 @@ class FaithfulnessCurve:
     @property
     def counted_fractions(self) -> list[float]: return [n / self.n_total for n in self.n_counted] if self.n_total else []
 
-def faithfulness_curve(lm: LoadedModel, att: Attribution, pairs: Sequence, fractions: Sequence[float] = FRACTIONS,
-                       absolute: bool = True, selection: str = "top-n", n_random: int = 0, batch_size: int = 4,
-                       seed: int = 0, progress: bool = True, metric: str | Callable | None = None,
-                       keep: torch.Tensor | None = None, base: Baselines | None = None) -> FaithfulnessCurve:
+# %% ../nbs/08_circuits.ipynb #37b363a3
+def faithfulness_curve(lm: LoadedModel,                        # the model (`load_model`)
+                       att: Attribution,                        # the scores the circuits are chosen by
+                       pairs: Sequence,                         # held-out clean/corrupted pairs, or ready `PatchBatch`es
+                       fractions: Sequence[float] = FRACTIONS,  # the circuit sizes, shares of the edges
+                       *,
+                       absolute: bool = True,                   # choose by |score| (CMD) or by signed score (CPR)
+                       selection: str = "top-n",                # "top-n" or "greedy" (grown from the logits)
+                       n_random: int = 0,                       # random circuits of the same counted size per point
+                       batch_size: int = 4,                     # pairs per patched run
+                       seed: int = 0,                           # the random circuits' draws
+                       progress: bool = True,                   # a progress bar over the points
+                       metric: str | Callable | None = None,    # default: `att.metric`
+                       keep: torch.Tensor | None = None,        # edges in every circuit, not counted
+                       base: Baselines | None = None,           # these pairs' `baselines`, when already measured
+                      ) -> FaithfulnessCurve:
     """Faithfulness at each share of edges (MIB's sizes by default), with bootstrap intervals over `pairs` (or ready
     `PatchBatch`es), and of `n_random` random circuits of the same counted size. `metric` defaults to `att.metric`.
     Edges in `keep` (e.g. `span_edges(graph, source spans)`: the source stays clean) are in every circuit, the
@@ -272,6 +298,7 @@ def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
     union = (a | b).sum().item()
     return 1.0 if union == 0 else (a & b).sum().item() / union
 
+# %% ../nbs/08_circuits.ipynb #4c368714
 def split_halves(pairs: Sequence, seed: int = 0) -> tuple[list, list]:
     "Two disjoint halves of `pairs`, shuffled with `seed`."
     idx = list(range(len(pairs))); random.Random(seed).shuffle(idx)
@@ -279,6 +306,7 @@ def split_halves(pairs: Sequence, seed: int = 0) -> tuple[list, list]:
     if half == 0: raise ValueError(f"Robustness needs at least 2 examples to split, got {len(pairs)}.")
     return [pairs[i] for i in idx[:half]], [pairs[i] for i in idx[half:2 * half]]
 
+# %% ../nbs/08_circuits.ipynb #e8fe9ff9
 def split_documents(items: Sequence, n_find: int, n_score: int, seed: int = 0) -> tuple[list, list]:
     "Disjoint sets of `n_find` and `n_score` of `items`, shuffled with `seed`: circuits are found on one, scored on the other."
     if n_find < 1 or n_score < 1: raise ValueError(f"n_find and n_score must be >= 1, got {n_find} and {n_score}.")
@@ -320,11 +348,13 @@ def edge_effects(lm: LoadedModel, batches: Sequence[PatchBatch], graph: Graph, e
         out.append(full - circuit_metric(lm, batches, mask, graph, metric))
     return out
 
+# %% ../nbs/08_circuits.ipynb #39347b7a
 def sample_edges(circuit: torch.Tensor, k: int, seed: int = 0) -> list[list[int]]:
     "`k` of `circuit`'s edges (indices of its shape) drawn at random with `seed`; all of them when it has fewer."
     edges = circuit.nonzero().tolist()
     return edges if len(edges) <= k else random.Random(seed).sample(edges, k)
 
+# %% ../nbs/08_circuits.ipynb #778589c8
 def exact_agreement(lm: LoadedModel, att: Attribution, pairs: Sequence, n: int = 100, batch_size: int = 4,
                     progress: bool = True, edges: Sequence | None = None) -> dict:
     """Spearman's ρ and sign agreement between edges' scores and their exact patching effects on `pairs`: the `n`
@@ -346,6 +376,7 @@ def circuit_nodes(circuit: torch.Tensor, graph: Graph) -> torch.Tensor:
     nodes = c.any(2) | readers(c.any(1), graph)
     return nodes if graph.positional else nodes[0]
 
+# %% ../nbs/08_circuits.ipynb #c3d71332
 def compare_circuits(a: torch.Tensor, b: torch.Tensor, graph: Graph) -> dict[str, float]:
     """Node and edge Jaccard of two circuits, the share of changed edges that join persisting nodes, and the counts
     behind them: edges kept / added / removed and node instances persisting / entering / leaving from `a` to `b`."""
@@ -363,6 +394,7 @@ def compare_circuits(a: torch.Tensor, b: torch.Tensor, graph: Graph) -> dict[str
             "nodes_persisting": int((na & nb).sum()), "nodes_entering": int((nb & ~na).sum()),
             "nodes_leaving": int((na & ~nb).sum())}
 
+# %% ../nbs/08_circuits.ipynb #318875fa
 def layer_profile(circuit: torch.Tensor, scores: torch.Tensor, graph: Graph) -> list[float]:
     "Share of the circuit's |score| mass leaving each layer's nodes (input first, then layers 0..L-1), over all spans."
     mass = graph.stacked(scores.abs() * circuit).sum((0, 2))       # per source
@@ -470,6 +502,7 @@ class CircuitRecord:
         if not path.exists(): raise FileNotFoundError(f"{path} does not exist: run the circuits stage for this checkpoint first.")
         return cls(**load_json(path))
 
+# %% ../nbs/08_circuits.ipynb #ac8a60e6
 def save_circuit(folder: str | Path, att: Attribution, circuit: torch.Tensor, step: int, **results) -> Path:
     "Write scores, the circuit mask and its `CircuitRecord` (node and edge names, `results`: its other fields) into `folder`."
     folder = Path(folder)
@@ -481,17 +514,20 @@ def save_circuit(folder: str | Path, att: Attribution, circuit: torch.Tensor, st
     edges = [(g.edge_name(*i), float(att.scores[tuple(i)])) for i in circuit.nonzero().tolist()]
     return CircuitRecord(step, len(edges), nodes, edges, layer_profile(circuit, att.scores, g), **results).save(folder)
 
+# %% ../nbs/08_circuits.ipynb #5b193ed4
 @patch
 def circuit(self: Run, step: int | None = None) -> CircuitRecord:
     "The circuit of the run's last circuits job (or of checkpoint `step`); only from a finished job."
     return CircuitRecord.load(self.finished_job("circuits", step).folder)
 
+# %% ../nbs/08_circuits.ipynb #ae2aa871
 @patch
 def circuits(self: Run) -> dict[int, CircuitRecord]:
     "The circuit of every finished circuits job of the run that saved one, by checkpoint step."
     return {j.step: CircuitRecord.load(j.folder) for j in self.stage_jobs("circuits", finished=True)
             if (j.folder / CircuitRecord.FILE).exists()}
 
+# %% ../nbs/08_circuits.ipynb #787e029f
 def load_circuit_snapshots(circuits_folder: str | Path, graph: Graph,
                            steps: Sequence[int] | None = None) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
     """`(step, circuit, scores)` of the checkpoints `steps` (the run's circuits jobs; None: every `step-*` folder
@@ -520,6 +556,7 @@ def evolution_table(snapshots: Sequence[tuple[int, torch.Tensor, torch.Tensor]],
         rows.append({"from": s0, "to": final[0], "versus": "final", **compare_circuits(c0, final[1], graph)})
     return pd.DataFrame(rows)
 
+# %% ../nbs/08_circuits.ipynb #2208260e
 def plot_evolution(snapshots, graph: Graph, table=None):
     "Layer profile of the circuit over training (heatmap) and node / edge Jaccard between consecutive checkpoints."
     table = evolution_table(snapshots, graph) if table is None else table

@@ -33,6 +33,7 @@ def smoke(args: argparse.Namespace) -> int:
     print(f"done in {time.time() - t0:.1f} s")
     return 0
 
+# %% ../nbs/12_cli.ipynb #44edcc43
 def run_command(args: argparse.Namespace) -> int:
     "`summcircuit run`: the pipeline for one configuration, then the report."
     cfg = load_config(args.config, args.set or (), args.name)
@@ -63,6 +64,7 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"report: {site / 'index.html'}")
     return 0
 
+# %% ../nbs/12_cli.ipynb #1d89669e
 DISTRIBUTED_STAGES = {"finetune": "finetune", "bakeoff": "peft"}   # subcommand -> the stage it runs alone
 
 def stage_command(args: argparse.Namespace) -> int:
@@ -83,12 +85,14 @@ def stage_command(args: argparse.Namespace) -> int:
     if lead: print(done.format(time.time() - t0) + f"; `summcircuit run --config {args.config}` goes on from here.")
     return 0
 
+# %% ../nbs/12_cli.ipynb #49335c69
 def report_command(args: argparse.Namespace) -> int:
     "`summcircuit report`: render the site of one run (and the comparison of several)."
     site = render_report([Path(r) for r in args.runs], args.out, renderer=args.renderer)
     print(f"report: {site / 'index.html'}")
     return 0
 
+# %% ../nbs/12_cli.ipynb #dd4fd393
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `summcircuit` console script."
     parser = argparse.ArgumentParser(prog="summcircuit", description="Find and test the summarization circuit of a causal LM.")

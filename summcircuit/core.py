@@ -44,6 +44,7 @@ def cache_dir(*parts: str) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
 
+# %% ../nbs/00_core.ipynb #d704bf2d
 def run_dir(name: str, root: str | Path | None = None) -> Path:
     "The folder of run `name` (under `root`, `$SUMMCIRCUIT_RUNS` or `./runs`), created."
     if not name or "/" in name or name.startswith("."):
@@ -63,6 +64,7 @@ def project_root(start: str | Path | None = None) -> Path:
     raise FileNotFoundError(f"No summcircuit repository (a folder with nbs/ and settings.ini) at or above {start}: "
                             "run the command from a clone of the repository.")
 
+# %% ../nbs/00_core.ipynb #ae5d699a
 def runs_root(root: str | Path | None = None) -> Path:
     "The folder that holds the runs: `root`, else `$SUMMCIRCUIT_RUNS`, else `./runs` (made absolute)."
     return Path(root or os.environ.get("SUMMCIRCUIT_RUNS", "runs")).resolve()
@@ -86,6 +88,7 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
         if tmp.is_dir(): shutil.rmtree(tmp)
         elif tmp.exists(): tmp.unlink()
 
+# %% ../nbs/00_core.ipynb #5f86737f
 def atomic_write(path: str | Path, data: str | bytes) -> Path:
     "Write `data` (text or bytes) to `path` atomically."
     with atomic_path(path) as tmp:
@@ -103,10 +106,12 @@ def _to_jsonable(obj: Any) -> Any:
     if isinstance(obj, np.generic): return obj.item()
     return obj
 
+# %% ../nbs/00_core.ipynb #e5ed67ac
 def save_json(path: str | Path, obj: Any) -> Path:
     "Write `obj` (dicts, lists, dataclasses, tensors, arrays) as indented JSON, atomically."
     return atomic_write(path, json.dumps(_to_jsonable(obj), indent=1, sort_keys=False))
 
+# %% ../nbs/00_core.ipynb #60cf94bf
 def load_json(path: str | Path) -> Any:
     "Read a JSON artifact, naming the file when it is missing or damaged."
     path = Path(path)
@@ -123,6 +128,7 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     return Path(path)
 
+# %% ../nbs/00_core.ipynb #025f1271
 def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     "Read a safetensors artifact."
     from safetensors.torch import load_file
@@ -165,6 +171,7 @@ def _sha256(path: Path, sample: int | None = None) -> str:
             f.seek(max(size - sample, 0)); h.update(f.read(sample))
     return h.hexdigest()
 
+# %% ../nbs/00_core.ipynb #06b40749
 def file_fingerprint(path: str | Path) -> dict[str, Any]:
     "Size and content hash of a file: the whole file up to `FULL_HASH_LIMIT`, else mtime and the first and last MiB."
     path = Path(path)
@@ -172,8 +179,10 @@ def file_fingerprint(path: str | Path) -> dict[str, Any]:
     if st.st_size <= FULL_HASH_LIMIT: return {"size": st.st_size, "sha256": _sha256(path)}
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sampled_sha256": _sha256(path, SAMPLE_BYTES)}
 
+# %% ../nbs/00_core.ipynb #69a8a0df
 def _mb(n: int) -> str: return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n} bytes"
 
+# %% ../nbs/00_core.ipynb #8e02ea66
 def fingerprint_problem(path: str | Path, recorded: dict[str, Any]) -> str | None:
     "Why `path` no longer matches its recorded fingerprint (missing, size, content), or None when it does."
     path = Path(path)
@@ -184,7 +193,6 @@ def fingerprint_problem(path: str | Path, recorded: dict[str, Any]) -> str | Non
         return None if _sha256(path) == recorded["sha256"] else "changed content (its hash differs)"
     if st.st_mtime_ns == recorded.get("mtime_ns"): return None
     return None if _sha256(path, SAMPLE_BYTES) == recorded.get("sampled_sha256") else "changed content (its hash differs)"
-
 
 # %% ../nbs/00_core.ipynb #137807cc
 FINISHED = ("ran", "cached")                     # job statuses whose results are this run's
@@ -203,6 +211,7 @@ class RecordedJob:
     @property
     def finished(self) -> bool: return self.status in FINISHED
 
+# %% ../nbs/00_core.ipynb #4c52c189
 def recorded_jobs(run_folder: str | Path, stage: str, finished: bool = False) -> list[RecordedJob]:
     """The jobs of `stage` that the run's `pipeline.json` records, in pipeline order (`finished=True`: only those
     that ran or were cached and whose `.done.json` is there with the recorded key). Later stages read results
@@ -282,6 +291,7 @@ class Run:
 class FolderLocked(RuntimeError):
     "Another process holds the lock of a run folder."
 
+# %% ../nbs/00_core.ipynb #fa3a5ae8
 @contextmanager
 def folder_lock(folder: str | Path, command: str = "") -> Iterator[Path]:
     "Hold an exclusive OS lock on `folder/.lock` (released when the block ends or the process dies); raises `FolderLocked`."
@@ -307,7 +317,6 @@ def folder_lock(folder: str | Path, command: str = "") -> Iterator[Path]:
     finally:
         f.close()                                   # closing releases the lock
 
-
 # %% ../nbs/00_core.ipynb #d8e10175
 def hub_reachable(timeout: float = 3.0) -> bool:
     "Whether the Hugging Face hub answers a TCP connection (offline, this fails at once instead of retrying for a minute)."
@@ -320,6 +329,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return True
     except OSError: return False
 
+# %% ../nbs/00_core.ipynb #0731010c
 @contextmanager
 def hub_offline(offline: bool):
     "Force the hub client offline (cache only) while loading; `local_files_only` alone still asks the hub for adapters."

@@ -78,6 +78,7 @@ class CorruptedPair:
         "Token positions that belong to salient sentences."
         return [t for i in self.salient for t in range(*self.clean.sentence_spans[i])]
 
+# %% ../nbs/04_corrupt.ipynb #3a72c0dc
 def check_pair(clean: Prompt, corrupted: Prompt, salient: Sequence[int]) -> None:
     "Raise `AssertionError` unless `corrupted` aligns with `clean` and differs only inside the `salient` sentences."
     problems = []
@@ -92,6 +93,7 @@ def check_pair(clean: Prompt, corrupted: Prompt, salient: Sequence[int]) -> None
         raise AssertionError(f"Corrupted prompt of {clean.example_id!r} does not align with the clean one: "
                              + "; ".join(problems) + ". Corrupt only through summcircuit.corrupt, which keeps token counts.")
 
+# %% ../nbs/04_corrupt.ipynb #81ad7f3c
 def mask_sentences(prompt: Prompt, salient: Sequence[int], filler_id: int) -> Prompt:
     "`prompt` with every token of the `salient` sentences replaced by `filler_id` (token count kept)."
     ids = list(prompt.input_ids)
@@ -110,6 +112,7 @@ def donor_tokens(donor: SummaryExample, tokenizer: PreTrainedTokenizerBase, n_to
         out += tokenizer(" " + sent, add_special_tokens=False)["input_ids"]
     return (out + [filler_id] * n_tokens)[:n_tokens]
 
+# %% ../nbs/04_corrupt.ipynb #7721ed13
 def swap_sentences(prompt: Prompt, salient: Sequence[int], donor: SummaryExample, tokenizer: PreTrainedTokenizerBase,
                    filler_id: int, rng: random.Random) -> Prompt:
     "`prompt` with each `salient` sentence replaced by a token-length-matched span of `donor`'s sentences."
@@ -124,6 +127,7 @@ def _separator_ids(prompt: Prompt) -> set[int]:
     "Token ids of the separator (from the end of the last kept sentence to the summary)."
     return set(prompt.input_ids[prompt.sentence_spans[-1][1]:prompt.summary_start])
 
+# %% ../nbs/04_corrupt.ipynb #f99d4eb9
 def copy_positions(prompt: Prompt, salient: Sequence[int]) -> list[int]:
     "Summary positions (final token excluded) whose token occurs in a `salient` sentence, in no other kept sentence, not in the separator."
     ids, spans = prompt.input_ids, prompt.sentence_spans
@@ -149,6 +153,7 @@ def counterfactual_map(prompt: Prompt, salient: Sequence[int], positions: Sequen
     picks = rng.sample(pool, len(copied)) if len(pool) >= len(copied) else [rng.choice(pool) for _ in copied]
     return dict(zip(copied, picks))
 
+# %% ../nbs/04_corrupt.ipynb #cb53b97c
 def counterfactual_sentences(prompt: Prompt, salient: Sequence[int], replacement: dict[int, int]) -> Prompt:
     "`prompt` with each token of the `salient` sentences that `replacement` maps replaced by its counterfactual."
     ids = list(prompt.input_ids)
@@ -164,6 +169,7 @@ def _tokens(example: SummaryExample, tokenizer: PreTrainedTokenizerBase) -> list
     "Token ids of `example`'s sentences, tokenized as prompts tokenize them."
     return [t for s in example.source_sentences for t in tokenizer(" " + s, add_special_tokens=False)["input_ids"]]
 
+# %% ../nbs/04_corrupt.ipynb #5bbc9af1
 def make_pair(example: SummaryExample, tokenizer: PreTrainedTokenizerBase, variant: str = "swap",
               salience: str = "auto", k: int = 2, threshold: float = 0.1, donor: SummaryExample | None = None,
               max_source_tokens: int = 512, max_length: int | None = None, filler: str = FILLER,
@@ -198,9 +204,19 @@ def make_pair(example: SummaryExample, tokenizer: PreTrainedTokenizerBase, varia
 # %% ../nbs/04_corrupt.ipynb #933a4f70
 _SKIP_REASONS = ("no salient sentence", "no copy position", "no counterfactual token")
 
-def build_pairs(examples: Sequence[SummaryExample], tokenizer: PreTrainedTokenizerBase, variant: str = "swap",
-                salience: str = "auto", k: int = 2, threshold: float = 0.1, max_source_tokens: int = 512,
-                max_length: int | None = None, filler: str = FILLER, seed: int = 0, progress: bool = True) -> list[CorruptedPair]:
+def build_pairs(examples: Sequence[SummaryExample],    # the documents, with their reference summaries
+                tokenizer: PreTrainedTokenizerBase,       # the model's
+                variant: str = "swap",                    # one of `CORRUPTIONS`
+                *,
+                salience: str = "auto",                   # how salient sentences are chosen (`SALIENCE`)
+                k: int = 2,                               # at most this many salient sentences
+                threshold: float = 0.1,                   # least salience a sentence needs
+                max_source_tokens: int = 512,             # source budget, whole sentences
+                max_length: int | None = None,            # the model's context (refuse longer prompts)
+                filler: str = FILLER,                     # the `mask` corruption's filler
+                seed: int = 0,                            # donors of `swap`, ties
+                progress: bool = True,                    # a progress bar over the documents
+               ) -> list[CorruptedPair]:
     "Clean/corrupted pairs of `examples` (documents that cannot be corrupted are left out, with a message)."
     if variant == "swap" and len(examples) < 2: raise ValueError("Swap corruption needs at least two documents (donors).")
     rng, pairs, skipped = random.Random(seed), [], {r: [] for r in _SKIP_REASONS}
@@ -220,6 +236,7 @@ def _prompt_pair(pair) -> tuple:
     "The (clean, corrupted) of a `CorruptedPair` or of a 2-tuple."
     return (pair.clean, pair.corrupted) if hasattr(pair, "clean") else tuple(pair)
 
+# %% ../nbs/04_corrupt.ipynb #abc54098
 def pair_batch(pairs: Sequence[CorruptedPair], pad_id: int) -> tuple[Batch, Batch]:
     "Aligned clean and corrupted batches of `pairs` (same shape, padding and summary tokens)."
     items = [_prompt_pair(p) for p in pairs]
@@ -228,6 +245,7 @@ def pair_batch(pairs: Sequence[CorruptedPair], pad_id: int) -> tuple[Batch, Batc
     check_aligned(clean, corrupted)
     return clean, corrupted
 
+# %% ../nbs/04_corrupt.ipynb #066e358a
 def pair_batches(pairs: Sequence, pad_id: int, batch_size: int = 4) -> list[tuple[Batch, Batch]]:
     """`pairs` in aligned clean/corrupted batches of `batch_size`: `CorruptedPair`s, `(Prompt, Prompt)` tuples,
     or `(Batch, Batch)` tuples, which are checked and passed through as they are."""
@@ -244,10 +262,12 @@ def save_pairs(path: str | Path, pairs: Sequence[CorruptedPair]) -> Path:
     "Write `pairs` as JSON, atomically."
     return save_json(path, list(pairs))
 
+# %% ../nbs/04_corrupt.ipynb #9ea8dfc2
 def _prompt_from_json(d: dict) -> Prompt:
     return Prompt(d["example_id"], d["input_ids"], [tuple(s) for s in d["sentence_spans"]], d["summary_start"],
                   d.get("salient"), d.get("copy_positions"), d.get("counter_ids"))
 
+# %% ../nbs/04_corrupt.ipynb #e46222e1
 def load_pairs(path: str | Path) -> list[CorruptedPair]:
     "Read pairs written by `save_pairs` (each pair is checked again)."
     pairs = [CorruptedPair(_prompt_from_json(d["clean"]), _prompt_from_json(d["corrupted"]), d["salient"], d["variant"])
@@ -283,6 +303,7 @@ def pair_metric_table(lm: LoadedModel, pairs: Sequence[CorruptedPair], metrics: 
                 out[m][side].append(value)
     return {m: (torch.cat(cl), torch.cat(co)) for m, (cl, co) in out.items()}
 
+# %% ../nbs/04_corrupt.ipynb #a5e8e7d0
 def pair_metrics(lm: LoadedModel, pairs: Sequence[CorruptedPair], batch_size: int = 4,
                  progress: bool = True, metric: str = "summary_logprob") -> tuple[torch.Tensor, torch.Tensor]:
     "`metric` (default: the task metric) on the clean and on the corrupted prompts of `pairs`, `[n_pairs]` each."

@@ -58,6 +58,7 @@ def aclsum_folder() -> Path:
         raise ModuleNotFoundError("ACLSum ships in the PyPI wheel 'aclsum': `pip install aclsum` (needs Python >= 3.11).")
     return folder
 
+# %% ../nbs/02_data.ipynb #2444b2c5
 def load_aclsum(split: str = "train", aspect: str = "outcome", n: int | None = None) -> list[SummaryExample]:
     "ACLSum documents of `split` with the summary of `aspect` and its highlighted sentences as salient."
     if split not in ACLSUM_SPLITS: raise ValueError(f"ACLSum split {split!r} does not exist: use one of {ACLSUM_SPLITS}.")
@@ -80,6 +81,7 @@ def split_sentences(text: str) -> list[str]:
     "Split running text into sentences at end punctuation followed by a capital letter, digit or quote."
     return [s.strip() for s in _SENTENCE_END.split(text.strip()) if s.strip()]
 
+# %% ../nbs/02_data.ipynb #d101c258
 def load_cnn_dailymail(split: str = "test", n: int | None = None) -> list[SummaryExample]:
     "CNN/DailyMail 3.0.0 from the hub (`abisee/cnn_dailymail`); needs the network or a local datasets cache."
     import datasets
@@ -151,9 +153,11 @@ class Prompt:
             out[a:b] = [ROLES.index("salient" if i in (self.salient or ()) else "other")] * (b - a)
         return out
 
+# %% ../nbs/02_data.ipynb #e803251e
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
+# %% ../nbs/02_data.ipynb #66025d84
 def build_prompt(example: SummaryExample, tokenizer: PreTrainedTokenizerBase, max_source_tokens: int = 512,
                  max_length: int | None = None, separator: str = SEPARATOR, with_summary: bool = True) -> Prompt:
     "Tokenize `example`: whole source sentences up to `max_source_tokens`, the separator, then the summary + EOS."
@@ -194,6 +198,7 @@ class Batch:
                      move(self.roles), move(self.copy_mask), move(self.counter_ids))
     def __len__(self) -> int: return self.input_ids.shape[0]
 
+# %% ../nbs/02_data.ipynb #97542438
 def collate(prompts: list[Prompt], pad_id: int) -> Batch:
     "Right-pad `prompts` into one `Batch`."
     if not prompts: raise ValueError("collate needs at least one prompt.")
@@ -214,6 +219,7 @@ def collate(prompts: list[Prompt], pad_id: int) -> Batch:
             if p.counter_ids: counter[b, p.copy_positions] = torch.tensor(p.counter_ids)
     return Batch(ids, att, tgt, [p.example_id for p in prompts], roles, copy, counter)
 
+# %% ../nbs/02_data.ipynb #9d7c3c81
 def check_aligned(clean: Batch, corrupted: Batch) -> None:
     "Raise unless `clean` and `corrupted` have the same shape and padding (positions align)."
     if clean.input_ids.shape != corrupted.input_ids.shape or not torch.equal(clean.attention_mask, corrupted.attention_mask):
@@ -221,6 +227,7 @@ def check_aligned(clean: Batch, corrupted: Batch) -> None:
                          "must align position by position (same shape and padding): build corrupted inputs with "
                          "summcircuit.corrupt, which keeps every token count.")
 
+# %% ../nbs/02_data.ipynb #b84ab299
 def logits_window(batch: Batch) -> int:
     """How many trailing positions' logits the task metrics read: from the position that predicts the batch's
     first summary token to the end. Pass it as `logits_to_keep` to a forward pass whose logits only a metric
@@ -229,6 +236,7 @@ def logits_window(batch: Batch) -> int:
     has_target = batch.target_mask.any(0).nonzero()
     return T if len(has_target) == 0 else min(T, T - int(has_target[0]) + 1)
 
+# %% ../nbs/02_data.ipynb #75decd04
 def logit_positions(logits: torch.Tensor, batch: Batch, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows and positions `[k]` where `mask` (`[batch, pos - 1]`, shifted like the logits: position `t - 1`
     predicts token `t`) is true, and the index of each position in `logits`, which may hold only the last
@@ -240,12 +248,14 @@ def logit_positions(logits: torch.Tensor, batch: Batch, mask: torch.Tensor) -> t
                          f"{int(pos.min())}: compute them with logits_to_keep=logits_window(batch), or all of them.")
     return rows, pos, pos - (T - kept)
 
+# %% ../nbs/02_data.ipynb #29dea65f
 def per_example_mean(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
     "Mean of `values` `[k]` grouped by their example index `rows` `[k]`, as `[n]` float32 (NaN for an example with none)."
     total = torch.zeros(n, dtype=torch.float32, device=values.device).index_add(0, rows, values.float())
     count = torch.zeros(n, dtype=torch.float32, device=values.device).index_add(0, rows, torch.ones_like(values, dtype=torch.float32))
     return total / count
 
+# %% ../nbs/02_data.ipynb #e2e09846
 def summary_logprob(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Task metric per example `[batch]`: mean log-probability of the summary tokens, teacher forced. `logits`
     cover every position or the last `logits_window(batch)`; only the summary's are normalized."""

@@ -32,6 +32,7 @@ __all__ = ['head_entropy', 'attention_kl', 'hidden_cosine', 'layer_entropies', '
 def _query_mask(attention_mask: torch.Tensor | None, b: int, T: int, device) -> torch.Tensor:
     return torch.ones(b, T, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool().to(device)
 
+# %% ../nbs/05_diff.ipynb #cd674cad
 def head_entropy(probs: torch.Tensor, attention_mask: torch.Tensor | None = None, normalized: bool = False) -> torch.Tensor:
     "Mean attention entropy per example and head `[batch, heads]` from probabilities `[batch, heads, query, key]`."
     p = probs.float()
@@ -53,6 +54,7 @@ def attention_kl(probs_a: torch.Tensor, probs_b: torch.Tensor, attention_mask: t
     w = _query_mask(attention_mask, p.shape[0], p.shape[-1], p.device)[:, None, :].float()
     return (kl * w).sum(-1) / w.sum(-1)
 
+# %% ../nbs/05_diff.ipynb #6f09bc20
 def hidden_cosine(h_a: torch.Tensor, h_b: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     "Mean over tokens of cos(h_a, h_b) per example `[batch]` from hidden states `[batch, pos, d_model]`."
     cos = F.cosine_similarity(h_a.float(), h_b.float(), dim=-1)                              # [b, pos]
@@ -240,6 +242,7 @@ def check_comparable(lm_a: LoadedModel, lm_b: LoadedModel) -> None:
     if lm_a.tokenizer.get_vocab() != lm_b.tokenizer.get_vocab():
         raise ValueError(f"Models {lm_a.name!r} and {lm_b.name!r} have different tokenizers: compare checkpoints of one model.")
 
+# %% ../nbs/05_diff.ipynb #219790f0
 def differential_analysis(lm_a: LoadedModel, lm_b: LoadedModel, prompts: Sequence[Prompt], batch_size: int = 4,
                           progress: bool = True) -> DiffResult:
     "Compare model `a` (base) with `b` (fine-tuned) on `prompts`: one forward pass per model per batch."
@@ -280,10 +283,12 @@ def _z_and_logits(lm: LoadedModel, batch: Batch, logits_to_keep: int = 0) -> tup
         logits = model.output.logits.save()
     return torch.stack(zs), logits
 
+# %% ../nbs/05_diff.ipynb #d9e13e69
 def head_outputs(lm: LoadedModel, batch: Batch) -> torch.Tensor:
     "Every head's output `z` (input of the output projection) `[n_layers, batch, pos, n_heads, d_head]`, one pass."
     return _z_and_logits(lm, batch, logits_to_keep=1)[0]
 
+# %% ../nbs/05_diff.ipynb #03717a56
 def mean_head_outputs(lm: LoadedModel, batches: Sequence[Batch], progress: bool = False) -> torch.Tensor:
     "Mean of every head's output over the real positions and examples of `batches` `[n_layers, n_heads, d_head]`."
     total, n = 0, 0
@@ -293,6 +298,7 @@ def mean_head_outputs(lm: LoadedModel, batches: Sequence[Batch], progress: bool 
         total = total + (z * w).sum((1, 2)); n += int(b.attention_mask.sum())
     return (total / n).float()
 
+# %% ../nbs/05_diff.ipynb #25bf79ce
 def run_with_head_outputs(lm: LoadedModel, batch: Batch, head_mask: torch.Tensor, replacement: torch.Tensor,
                           logits_to_keep: int = 0) -> torch.Tensor:
     "Logits (of the last `logits_to_keep` positions; 0: all) with the heads in `head_mask` `[L, H]` outputting `replacement` (`[L, H, d_head]` everywhere, or `[L, b, T, H, d_head]`)."
@@ -339,23 +345,27 @@ class AblationComparison:
         return asdict(self) | {"normalized_drop": self.normalized_drop, "percentile": self.percentile, "p_value": self.p_value,
                                "random_mean": float(np.mean(self.random_drops)), "random_std": float(np.std(self.random_drops))}
 
+# %% ../nbs/05_diff.ipynb #7aa1178c
 def layer_mask(n_layers: int, n_heads: int, layers: Sequence[int]) -> torch.Tensor:
     "Boolean `[n_layers, n_heads]`: every head of `layers`."
     m = torch.zeros(n_layers, n_heads, dtype=torch.bool); m[list(layers)] = True
     return m
 
+# %% ../nbs/05_diff.ipynb #8b792fa9
 def head_mask_of(n_layers: int, n_heads: int, heads: Sequence[tuple[int, int]]) -> torch.Tensor:
     "Boolean `[n_layers, n_heads]`: the `(layer, head)` pairs in `heads`."
     m = torch.zeros(n_layers, n_heads, dtype=torch.bool)
     for l, h in heads: m[l, h] = True
     return m
 
+# %% ../nbs/05_diff.ipynb #50ab1bcc
 def random_draws(pool: Sequence, k: int, n: int, seed: int = 0) -> list[list]:
     "`n` random sets of `k` distinct items of `pool` (each set sorted)."
     if k > len(pool): raise ValueError(f"Cannot draw {k} items from {len(pool)}: lower k or the number of critical layers/heads.")
     rng = random.Random(seed)
     return [sorted(rng.sample(list(pool), k)) for _ in range(n)]
 
+# %% ../nbs/05_diff.ipynb #5c8d1c43
 def causal_check(lm: LoadedModel, batches: Sequence[tuple[Batch, Batch]], layers: Sequence[int],
                  heads: Sequence[tuple[int, int]], n_random: int = 10, seed: int = 0,
                  progress: bool = True, metric: str | Callable = "summary_logprob") -> list[AblationComparison]:
@@ -401,6 +411,7 @@ def save_figure(fig, path: str | Path | None) -> None:
     if path is None: return
     with atomic_path(path, suffix=".png") as tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
+# %% ../nbs/05_diff.ipynb #fad41b69
 def plot_head_maps(result: DiffResult, path: str | Path | None = None):
     "Layer × head heatmaps of ΔH (raw and normalized) and of attention KL."
     import matplotlib.pyplot as plt, seaborn as sns
@@ -413,6 +424,7 @@ def plot_head_maps(result: DiffResult, path: str | Path | None = None):
     fig.tight_layout(); save_figure(fig, path)
     return fig
 
+# %% ../nbs/05_diff.ipynb #10142aca
 def plot_layer_profiles(result: DiffResult, path: str | Path | None = None):
     "Per-layer hidden-state cosine similarity (mean with 95% CI over examples), changed-neuron and flip shares."
     import matplotlib.pyplot as plt, pandas as pd, seaborn as sns
@@ -430,6 +442,7 @@ def plot_layer_profiles(result: DiffResult, path: str | Path | None = None):
     fig.tight_layout(); save_figure(fig, path)
     return fig
 
+# %% ../nbs/05_diff.ipynb #7f35a78b
 def plot_ablations(comparisons: Sequence[AblationComparison], path: str | Path | None = None):
     "Metric drop of each target set (red diamond) against the random draws (grey), per target kind and intervention."
     import matplotlib.pyplot as plt, pandas as pd, seaborn as sns
@@ -497,6 +510,7 @@ def diff(self: Run, step: int | None = None) -> DiffFindings:
     if step is None or step in self.finished_steps("diff"): return DiffFindings.load(self.finished_job("diff").folder)
     return DiffFindings.load(self.finished_job("diff_checkpoints", step).folder / "diff")
 
+# %% ../nbs/05_diff.ipynb #ccb3c5f5
 @patch
 def diffs(self: Run) -> dict[int, DiffFindings]:
     """Every finished differential analysis of the run that saved its findings, by checkpoint step: base vs each

@@ -48,14 +48,17 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
             att[b, T - len(s):] = 1
     return ids, att
 
+# %% ../nbs/03b_evaluate.ipynb #4c3b0926
 def stop_token_ids(tokenizer) -> list[int]:
     "The end-of-text ids (and the pad id, which is end-of-text for most causal LMs) that end a summary."
     return sorted({i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None})
 
+# %% ../nbs/03b_evaluate.ipynb #1536714e
 def clean_summary(text: str) -> str:
     "The stop rule on decoded text: the first non-empty line, stripped."
     return text.strip().split("\n", 1)[0].strip()
 
+# %% ../nbs/03b_evaluate.ipynb #98aed29b
 class FirstLineStop(StoppingCriteria):
     "Stops each sequence once its continuation (after `prompt_len`) has a newline after some non-blank text."
     def __init__(self, tokenizer, prompt_len: int): self.tokenizer, self.prompt_len = tokenizer, prompt_len
@@ -115,6 +118,7 @@ class Interval:
     def __str__(self) -> str: return f"{self.estimate:.4f} [{self.low:.4f}, {self.high:.4f}]"
     def excludes_zero(self) -> bool: return self.low > 0 or self.high < 0
 
+# %% ../nbs/03b_evaluate.ipynb #9fc03434
 def bootstrap(data: tuple[np.ndarray, ...], statistic, confidence: float = 0.95, n_resamples: int = 10_000,
               seed: int = 0, method: str = "percentile", unit: str = "documents"):
     """`scipy.stats.bootstrap` as every interval of this project takes it: the samples in `data` resampled jointly
@@ -124,6 +128,7 @@ def bootstrap(data: tuple[np.ndarray, ...], statistic, confidence: float = 0.95,
     return stats.bootstrap(data, statistic, n_resamples=n_resamples, paired=True, vectorized=True,
                            confidence_level=confidence, method=method, rng=np.random.default_rng(seed))
 
+# %% ../nbs/03b_evaluate.ipynb #c6f67ba2
 def bootstrap_ci(scores: Sequence[float], confidence: float = 0.95, n_resamples: int = 10_000, seed: int = 0,
                  method: str = "percentile") -> Interval:
     "Mean of `scores` with a bootstrap confidence interval over documents."
@@ -131,6 +136,7 @@ def bootstrap_ci(scores: Sequence[float], confidence: float = 0.95, n_resamples:
     res = bootstrap((x,), lambda a, axis: a.mean(axis), confidence, n_resamples, seed, method)
     return Interval(float(x.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high), confidence)
 
+# %% ../nbs/03b_evaluate.ipynb #8db376ec
 def paired_difference_ci(a: Sequence[float], b: Sequence[float], confidence: float = 0.95, n_resamples: int = 10_000,
                          seed: int = 0, method: str = "percentile") -> Interval:
     "mean(a) - mean(b) over the same documents, with a paired bootstrap interval (documents resampled jointly)."
@@ -157,11 +163,13 @@ class RougeResult:
     def from_json(cls, d: dict) -> "RougeResult":
         return cls(d["ids"], d["predictions"], d["references"], {m: np.asarray(v) for m, v in d["scores"].items()})
 
+# %% ../nbs/03b_evaluate.ipynb #93ea0897
 def score_predictions(examples: Sequence[SummaryExample], predictions: Sequence[str]) -> RougeResult:
     "Score `predictions` of `examples` against their reference summaries."
     refs = [e.summary for e in examples]
     return RougeResult([e.id for e in examples], list(predictions), refs, rouge_scores(predictions, refs))
 
+# %% ../nbs/03b_evaluate.ipynb #52bef1a3
 def evaluate_rouge(lm: LoadedModel, examples: Sequence[SummaryExample], max_source_tokens: int = 160,
                    max_new_tokens: int = 48, batch_size: int = 8, progress: bool = True) -> RougeResult:
     "Generate summaries of `examples` with `lm` and score them with ROUGE-1/2/L F1."
@@ -169,14 +177,17 @@ def evaluate_rouge(lm: LoadedModel, examples: Sequence[SummaryExample], max_sour
     preds = generate_summaries(lm, examples, max_source_tokens, max_new_tokens, batch_size, progress)
     return score_predictions(examples, preds)
 
+# %% ../nbs/03b_evaluate.ipynb #336254c0
 def rouge_artifact_name(step: int, examples: Sequence[SummaryExample], max_source_tokens: int, max_new_tokens: int) -> str:
     "File name of a checkpoint's saved `RougeResult`: the step and a hash of the documents and generation settings."
     return f"rouge_step{step}_{content_hash([e.id for e in examples], max_source_tokens, max_new_tokens)}.json"
 
+# %% ../nbs/03b_evaluate.ipynb #02b20adb
 def lead_summaries(examples: Sequence[SummaryExample], k: int = 1) -> list[str]:
     "The extractive lead baseline: the first `k` source sentences."
     return [" ".join(e.source_sentences[:k]) for e in examples]
 
+# %% ../nbs/03b_evaluate.ipynb #d2c3474c
 def rouge_table(systems: dict[str, RougeResult], baseline: str | None = None, confidence: float = 0.95,
                 n_resamples: int = 10_000, seed: int = 0):
     "One row per system: mean ROUGE-1/2/L F1 with intervals, and the paired difference to `baseline`."
@@ -199,6 +210,7 @@ def rouge_table(systems: dict[str, RougeResult], baseline: str | None = None, co
         rows.append(row)
     return pd.DataFrame(rows).set_index("system")
 
+# %% ../nbs/03b_evaluate.ipynb #26aad206
 def format_rouge_table(table, scale: float = 100.0):
     "A readable version of `rouge_table`: 'mean [low, high]' in ROUGE points, differences signed."
     import pandas as pd
@@ -213,6 +225,7 @@ def format_rouge_table(table, scale: float = 100.0):
                             for _, r in table.iterrows()]
     return out
 
+# %% ../nbs/03b_evaluate.ipynb #8b0a5e4d
 def plot_rouge(table, title: str = "", ax=None):
     "Bar chart of ROUGE-1/2/L F1 per system with the confidence intervals as error bars (on `ax`, or a new figure)."
     import matplotlib.pyplot as plt

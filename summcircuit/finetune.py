@@ -65,12 +65,14 @@ def training_prompts(examples: Sequence[SummaryExample], tokenizer, spec: ArchSp
                          f"context of {spec.n_ctx} tokens: lower max_source_tokens (e.g. to {spec.n_ctx // 2}).")
     return [build_prompt(e, tokenizer, max_source_tokens, max_length=spec.n_ctx) for e in examples]
 
+# %% ../nbs/03_finetune.ipynb #71a11432
 class PromptDataset(torch.utils.data.Dataset):
     "A list of `Prompt`s as a torch dataset (the collator does the padding)."
     def __init__(self, prompts: Sequence[Prompt]): self.prompts = list(prompts)
     def __len__(self) -> int: return len(self.prompts)
     def __getitem__(self, i: int) -> Prompt: return self.prompts[i]
 
+# %% ../nbs/03_finetune.ipynb #3049105a
 @dataclass
 class SummaryCollator:
     "Right-pads prompts; `labels` = token ids on summary tokens and -100 everywhere else (loss on summaries only)."
@@ -88,6 +90,7 @@ class OptimizerSettings(Protocol):
     warmup_steps: int
     max_grad_norm: float
 
+# %% ../nbs/03_finetune.ipynb #30673836
 def training_arguments(cfg: OptimizerSettings, output_dir: str | Path, *, max_steps: int, learning_rate: float,
                        batch_size: int, eval_steps: int, save_steps: int | None, seed: int = 0,
                        device: torch.device | str = "cpu", progress: bool = True, **overrides) -> TrainingArguments:
@@ -121,14 +124,17 @@ class Checkpoint:
         "Load this checkpoint with `load_model`."
         return load_model(self.path, device=device)
 
+# %% ../nbs/03_finetune.ipynb #463b9925
 def _has_weights(folder: Path) -> bool:
     return (folder / "config.json").exists() and any((folder / f).exists() for f in WEIGHT_FILES)
 
+# %% ../nbs/03_finetune.ipynb #a992d971
 def _finetune_folder(run_folder: str | Path) -> Path:
     "Accept a run folder (`runs/<name>`) or its `finetune/` sub-folder."
     run_folder = Path(run_folder)
     return run_folder if (run_folder / INDEX_NAME).exists() or run_folder.name == "finetune" else run_folder / "finetune"
 
+# %% ../nbs/03_finetune.ipynb #3fa17d8b
 def load_checkpoints(run_folder: str | Path) -> list[Checkpoint]:
     "The checkpoints of the fine-tuning run in `run_folder` (`runs/<name>` or its `finetune/`), step 0 first."
     folder = _finetune_folder(run_folder)
@@ -155,6 +161,7 @@ def _eval_loss_at(log_history: list[dict], step: int) -> float | None:
     losses = [h["eval_loss"] for h in log_history if "eval_loss" in h and h.get("step") == step]
     return losses[-1] if losses else None
 
+# %% ../nbs/03_finetune.ipynb #e1a9e6d3
 class CheckpointIndex(TrainerCallback):
     "Trainer callback: append each saved checkpoint to `checkpoints.json`; keep optimizer state in the latest only."
     def __init__(self, folder: Path): self.folder = Path(folder)
@@ -169,9 +176,11 @@ class CheckpointIndex(TrainerCallback):
             if e["step"] > 0: (self.folder / e["path"] / "optimizer.pt").unlink(missing_ok=True)
         return control
 
+# %% ../nbs/03_finetune.ipynb #dc417743
 class TrainingDiverged(RuntimeError):
     "Fine-tuning produced a non-finite loss or weights; the checkpoints saved before it are kept."
 
+# %% ../nbs/03_finetune.ipynb #160c9b65
 class StopOnNonFinite(TrainerCallback):
     """Trainer callback: stop at the first non-finite training loss (or non-finite weights at a checkpoint),
     without saving or evaluating that step, so the last checkpoint on disk is the last finite one."""
@@ -202,24 +211,29 @@ class FinetuneRun:
     @property
     def final(self) -> Checkpoint: return self.checkpoints[-1]
 
+# %% ../nbs/03_finetune.ipynb #a518c94d
 def _base_path(name: str) -> str:
     "The base model's name for `load_model`: local folders are made absolute, other names kept as given."
     return str(Path(name).expanduser().resolve()) if name and Path(name).expanduser().is_dir() else name
 
+# %% ../nbs/03_finetune.ipynb #109b3870
 def world_size() -> int:
     "Processes of a distributed launch (`torchrun`, `accelerate launch` set `WORLD_SIZE`); 1 when not distributed."
     return int(os.environ.get("WORLD_SIZE", "1"))
 
+# %% ../nbs/03_finetune.ipynb #1a5a3a4a
 def is_lead_process() -> bool:
     "Whether this is the process that writes and reports (rank 0 of a distributed launch, or the only one)."
     return int(os.environ.get("RANK", "0")) == 0
 
+# %% ../nbs/03_finetune.ipynb #0eae4573
 def process_device(device: str) -> str:
     "`device` for this process: under a distributed launch on GPUs, `auto`/`cuda` mean this process's own GPU (`LOCAL_RANK`)."
     if world_size() > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
         return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     return device
 
+# %% ../nbs/03_finetune.ipynb #e8088f01
 def finetune(lm: LoadedModel, train_examples: Sequence[SummaryExample], val_examples: Sequence[SummaryExample],
              folder: str | Path, cfg: TrainingConfig | None = None, seed: int = 0,
              callbacks: Sequence[TrainerCallback] = (), progress: bool = True) -> FinetuneRun:
@@ -289,6 +303,7 @@ def finetune(lm: LoadedModel, train_examples: Sequence[SummaryExample], val_exam
     if trainer.is_world_process_zero(): save_json(folder / "log_history.json", history)
     return FinetuneRun(folder, done, history)
 
+# %% ../nbs/03_finetune.ipynb #f05d70e4
 def _log_history(folder: Path, last: Checkpoint) -> list[dict]:
     "The Trainer log history of a finished run (saved beside the index, else from the last checkpoint)."
     for p in (folder / "log_history.json", Path(last.path) / "trainer_state.json"):

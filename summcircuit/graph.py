@@ -254,6 +254,7 @@ def check_scores(scores: torch.Tensor) -> None:
         raise ValueError(f"{int(torch.isnan(scores).sum())} edge scores are NaN: the attribution failed (NaN weights or "
                          "an empty target?); recompute it before selecting a circuit.")
 
+# %% ../nbs/06_graph.ipynb #6952ad2e
 def top_n_mask(scores: torch.Tensor, graph: Graph, n: int, absolute: bool = True,
                among: torch.Tensor | None = None) -> torch.Tensor:
     "The `n` edges (of those in `among`, default all) with the largest |score| (or score), unpruned; NaN is refused."
@@ -264,7 +265,6 @@ def top_n_mask(scores: torch.Tensor, graph: Graph, n: int, absolute: bool = True
     mask[key.flatten().topk(max(0, min(n, int(allowed.sum())))).indices] = True
     return mask.view(key.shape)
 
-
 # %% ../nbs/06_graph.ipynb #51cabf09
 def head_contributions(spec: ArchSpec, hf, l: int, z: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
     """Per-head writes of layer `l` to the residual `[n_heads, batch, pos, d_model]` from per-head outputs `z`
@@ -274,6 +274,7 @@ def head_contributions(spec: ArchSpec, hf, l: int, z: torch.Tensor, heads: torch
     out = torch.einsum("...hd,hdm->h...m", z, W if heads is None else W[heads])
     return out if b is None else out + b / spec.n_heads
 
+# %% ../nbs/06_graph.ipynb #f69bbe25
 def check_context(spec: ArchSpec, batch: Batch) -> None:
     "Refuse a batch with a prompt longer than the model's context (else a bare index error deep in the model)."
     if batch.input_ids.shape[1] <= spec.n_ctx: return
@@ -283,6 +284,7 @@ def check_context(spec: ArchSpec, batch: Batch) -> None:
                      f"model's context of {spec.n_ctx}; build prompts with build_prompt(..., max_length=lm.spec.n_ctx) "
                      "and lower max_source_tokens.")
 
+# %% ../nbs/06_graph.ipynb #a51c84ef
 def node_outputs(lm: LoadedModel,                   # the model (`load_model`)
                  batch: Batch,                      # the inputs
                  *,
@@ -344,6 +346,7 @@ def patched_inputs(mask: torch.Tensor, change: torch.Tensor, corrupted_sum: torc
         torch.addmm(base.flatten()[None], m.T, flat, alpha=sign, out=span)   # base + sign · mᵀ change, one pass
     return out
 
+# %% ../nbs/06_graph.ipynb #8d613091
 def project_qkv(spec: ArchSpec, hf, l: int, x: torch.Tensor, active: torch.Tensor | None = None,
                 base: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                 layout: SpanLayout | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -373,6 +376,7 @@ def project_qkv(spec: ArchSpec, hf, l: int, x: torch.Tensor, active: torch.Tenso
 def _same_order(a: SpanLayout, b: SpanLayout) -> bool:
     return a.shape == b.shape and (a.order is None) == (b.order is None) and (a.order is None or torch.equal(a.order, b.order))
 
+# %% ../nbs/06_graph.ipynb #ef46f78a
 @dataclass
 class CorruptedRun:
     """The corrupted run of a batch as patched runs read it, made once and reused across masks: every source's
@@ -420,6 +424,7 @@ def recomputed_nodes(graph: Graph, kept: torch.Tensor) -> tuple[torch.Tensor, to
         mlp[l] = live[n] = (kept[:n, graph.mlp_destination(l)] & live[:n]).any()
     return attn, mlp, live
 
+# %% ../nbs/06_graph.ipynb #5967839b
 def clean_prefix(graph: Graph, edge_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per layer, whether its attention `[n_layers]` and its MLP `[n_layers]` compute their clean values in a patched
     run keeping `edge_mask`: every edge into them is kept and every source upstream is clean-valued (the input is).
@@ -435,6 +440,7 @@ def clean_prefix(graph: Graph, edge_mask: torch.Tensor) -> tuple[torch.Tensor, t
         mlp[l] = True
     return attn, mlp
 
+# %% ../nbs/06_graph.ipynb #0ee13172
 def run_with_patched_edges(lm: LoadedModel,                     # the model (`load_model`)
                            clean: Batch,                        # the clean inputs
                            corrupted: Batch,                    # their corrupted counterparts, aligned position by position

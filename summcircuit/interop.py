@@ -38,6 +38,7 @@ def _check_span_free(graph: Graph) -> None:
     if graph.positional:
         raise ValueError("EAP-IG's graph JSON has no positions: export att.span_free() and circuit.any(0) instead.")
 
+# %% ../nbs/08b_interop.ipynb #7a444dd2
 def to_eap_json(scores: torch.Tensor, graph: Graph, circuit: torch.Tensor | None = None) -> dict:
     """`scores` (and boolean `circuit`, default: no edge) of span-free `graph` as EAP-IG's `Graph.to_json` writes
     them, k/v inputs ungrouped (a group's score split evenly among its query heads)."""
@@ -52,6 +53,7 @@ def to_eap_json(scores: torch.Tensor, graph: Graph, circuit: torch.Tensor | None
     cfg = {"n_layers": spec.n_layers, "n_heads": spec.n_heads, "parallel_attn_mlp": False, "d_model": spec.d_model}
     return {"cfg": cfg, "nodes": nodes, "edges": edges}
 
+# %% ../nbs/08b_interop.ipynb #6e79716d
 def from_eap_json(data: dict, spec: ArchSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores and circuit `[n_sources, n_destinations]` of our span-free graph from EAP-IG's JSON `data` for a
     model with `spec`: a k/v group's scores summed, its edge kept when any query head keeps it."""
@@ -72,10 +74,12 @@ def from_eap_json(data: dict, spec: ArchSpec) -> tuple[torch.Tensor, torch.Tenso
         circuit[u, d] |= bool(e.get("in_graph", False))
     return scores, circuit
 
+# %% ../nbs/08b_interop.ipynb #622d6b4f
 def save_eap_json(path: str | Path, scores: torch.Tensor, graph: Graph, circuit: torch.Tensor | None = None) -> Path:
     "Write `to_eap_json` to `path` (atomically)."
     return save_json(path, to_eap_json(scores, graph, circuit))
 
+# %% ../nbs/08b_interop.ipynb #589a361a
 def load_eap_json(path: str | Path, spec: ArchSpec) -> tuple[torch.Tensor, torch.Tensor]:
     "Read an EAP-IG graph JSON file for a model with `spec` (`from_eap_json`)."
     return from_eap_json(load_json(path), spec)
@@ -93,6 +97,7 @@ def mib_circuit(scores: torch.Tensor, graph: Graph, share: float) -> torch.Tenso
         if graph.count_edges(circuit, ungroup_kv=True) <= budget or n == 1: return circuit
         n = max(1, int(n * 0.9))
 
+# %% ../nbs/08b_interop.ipynb #aaa541b8
 def write_mib_submission(folder: str | Path, task: str, model: str, scores: torch.Tensor, graph: Graph,
                          shares: tuple[float, ...] = MIB_SHARES) -> Path:
     """Write `<folder>/<task>_<model>/`: `importances.json` (the scores) and one `edges_<share>pct.json` circuit

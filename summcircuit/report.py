@@ -18,12 +18,13 @@ from .circuits import CircuitRecord, evolution_table, load_circuit_snapshots, pl
 from .core import Run, project_root, save_json
 from .diff import DiffFindings
 from .graph import Graph
+from .lora import BAKEOFF_FIGURE
 from .models import arch_spec
 from .site import front_matter, relative_href, render_offline, render_with_quarto
 
 # %% auto #0
-__all__ = ['QUESTIONS', 'SITE_MARKER', 'run_table', 'checkpoint_table', 'unfinished', 'final_diff', 'causal_table', 'run_spec',
-           'circuit_evolution', 'circuit_viewers', 'new_page', 'add_markdown', 'add_outputs', 'png_output',
+__all__ = ['QUESTIONS', 'SITE_MARKER', 'run_table', 'checkpoint_table', 'unfinished', 'final_diff', 'causal_table', 'bakeoff_of',
+           'run_spec', 'circuit_evolution', 'circuit_viewers', 'new_page', 'add_markdown', 'add_outputs', 'png_output',
            'table_output', 'figure_png', 'clean_notebook', 'setup_findings', 'headline_findings', 'stage_list',
            'home_page', 'evolution_figures', 'evolution_page', 'bakeoff_page', 'run_figures', 'figures_page',
            'compare_page', 'api_doc', 'api_page', 'stage_site', 'relink_pages', 'check_site_folder', 'render_report']
@@ -41,11 +42,13 @@ def checkpoint_table(run: Run) -> pd.DataFrame | None:
     if not cks: return None
     return pd.DataFrame([{"step": c["step"], "val_loss": c.get("val_loss")} for c in cks]).sort_values("step")
 
+# %% ../nbs/11_report.ipynb #8cdb06e5
 def unfinished(run: Run, *stages: str) -> list[str]:
     "One line per recorded job of `stages` that did not finish (failed, skipped, results missing), for the pages."
     return [f"{j.title}: {j.status}" + (f" ({j.reason.splitlines()[0][:200]})" if j.reason else "")
             for s in stages for j in run.stage_jobs(s) if not j.finished]
 
+# %% ../nbs/11_report.ipynb #e8e0e983
 def final_diff(run: Run) -> tuple[DiffFindings | None, str]:
     "The base-vs-final differential analysis (the `diff` job) and its status: never a per-checkpoint one in its place."
     jobs = run.stage_jobs("diff")
@@ -55,10 +58,18 @@ def final_diff(run: Run) -> tuple[DiffFindings | None, str]:
     if not (j.folder / DiffFindings.FILE).exists(): return None, f"finished without {DiffFindings.FILE}"
     return run.diff(), "finished"
 
+# %% ../nbs/11_report.ipynb #50dc0966
 def causal_table(found: DiffFindings) -> pd.DataFrame | None:
     "The causal check of a differential analysis: ablation drop of the target vs random sets of the same size."
     return pd.DataFrame(found.causal_rows()) if found.causal else None
 
+# %% ../nbs/11_report.ipynb #37f12a47
+def bakeoff_of(run: Run) -> pd.DataFrame | None:
+    "The run's bake-off table (`run.bakeoff()`, `system` as its first column), or None when no bake-off finished."
+    try: return run.bakeoff().reset_index()
+    except (FileNotFoundError, ValueError): return None
+
+# %% ../nbs/11_report.ipynb #a9009db0
 def run_spec(run: Run):
     "The `ArchSpec` of the run's model, from its last fine-tuning checkpoint's config (None without one)."
     cks = run.json("finetune", "checkpoints.json")
@@ -67,6 +78,7 @@ def run_spec(run: Run):
     if not (folder / "config.json").exists(): return None
     return arch_spec(AutoConfig.from_pretrained(folder))
 
+# %% ../nbs/11_report.ipynb #bde50e60
 def circuit_evolution(run: Run) -> tuple[pd.DataFrame, bytes] | None:
     "The comparisons between checkpoints' circuits and their figure: the circuit stage's (`circuits/evolution.json`, `.png`), else computed with `summcircuit.circuits`."
     steps = sorted(run.circuits())
@@ -79,6 +91,7 @@ def circuit_evolution(run: Run) -> tuple[pd.DataFrame, bytes] | None:
     table = evolution_table(snaps, graph)
     return table, figure_png(plot_evolution(snaps, graph, table))
 
+# %% ../nbs/11_report.ipynb #3f581b0f
 def circuit_viewers(run: Run) -> list[dict]:
     "The circuit viewer pages the circuits stage wrote (`circuits/viewer/`), when they show exactly this run's checkpoints."
     saved = run.json("circuits", "viewer", "index.json")
@@ -95,16 +108,19 @@ def new_page(title: str, description: str = "", order: int | None = None) -> nbf
     nb.metadata["language_info"] = {"name": "python"}
     return nb
 
+# %% ../nbs/11_report.ipynb #605eaeed
 def add_markdown(nb: nbformat.NotebookNode, text: str) -> None:
     "Append a markdown cell."
     nb.cells.append(nbformat.v4.new_markdown_cell(text.strip()))
 
+# %% ../nbs/11_report.ipynb #fc2d9793
 def add_outputs(nb: nbformat.NotebookNode, *outputs: dict) -> None:
     "Append a code cell without visible code whose outputs are `outputs`."
     cell = nbformat.v4.new_code_cell("#| echo: false")
     cell.outputs = [nbformat.v4.new_output("display_data", data=o) for o in outputs]
     nb.cells.append(cell)
 
+# %% ../nbs/11_report.ipynb #68a67a8b
 def png_output(png: bytes | str | Path, alt: str = "") -> dict:
     "A display output showing a PNG (bytes or a file), with alt text."
     data = Path(png).read_bytes() if isinstance(png, (str, Path)) else png
@@ -112,11 +128,13 @@ def png_output(png: bytes | str | Path, alt: str = "") -> dict:
     return {"text/plain": alt or "figure",
             "text/html": f'<img src="data:image/png;base64,{b64}" alt="{html.escape(alt)}" class="figure">'}
 
+# %% ../nbs/11_report.ipynb #bf191be9
 def table_output(df: pd.DataFrame, floatfmt: str = "{:.4g}", index: bool = False) -> dict:
     "A display output showing a table."
     return {"text/html": df.to_html(index=index, float_format=floatfmt.format, na_rep="", border=0, classes="dataframe table"),
             "text/plain": df.to_string(index=index)}
 
+# %% ../nbs/11_report.ipynb #28c56078
 def figure_png(fig) -> bytes:
     "A matplotlib figure as PNG bytes (the figure is closed)."
     import matplotlib.pyplot as plt
@@ -167,6 +185,7 @@ this run answers for its own model and data:
 def _fmt_ci(t: tuple[float, float, float] | None) -> str:
     return "n/a" if t is None else f"{t[0]:.2f} (95% CI {t[1]:.2f}–{t[2]:.2f})"
 
+# %% ../nbs/11_report.ipynb #81ced6ec
 def setup_findings(circuit: CircuitRecord) -> list[str]:
     "Headline lines of a circuits job's set-up comparison (smallest circuit per set-up, with its interval) and exact check."
     rows, out = circuit.setups, []
@@ -189,6 +208,7 @@ def setup_findings(circuit: CircuitRecord) -> list[str]:
                    "; ".join(f"{k}: Spearman {v['spearman']:.2f}, sign agreement {v['sign_agreement']:.2f}" for k, v in checks) + ".")
     return out
 
+# %% ../nbs/11_report.ipynb #55c205e7
 def headline_findings(run: Run) -> list[str]:
     "One sentence per stage that produced results, with the numbers."
     out = []
@@ -229,13 +249,14 @@ def headline_findings(run: Run) -> list[str]:
         out += setup_findings(last)
     if bad := unfinished(run, "circuits"):
         out.append("**Circuits** not finished in this run (no result shown for them): " + "; ".join(bad) + ".")
-    bake = run_table(run, "peft", "bakeoff.csv")
+    bake = bakeoff_of(run)
     if bake is not None and "rougeL" in bake.columns:
         name_col = bake.columns[0]
         best = bake.sort_values("rougeL", ascending=False).iloc[0]
         out.append(f"**PEFT bake-off**: {len(bake)} variants; the best ROUGE-L is {best[name_col]} ({best['rougeL']:.3f}).")
     return out
 
+# %% ../nbs/11_report.ipynb #3a06d8a0
 def stage_list(run: Run, pages: dict[str, str]) -> pd.DataFrame:
     "The jobs of the run with status, time and a link to their page."
     rows = []
@@ -246,6 +267,7 @@ def stage_list(run: Run, pages: dict[str, str]) -> pd.DataFrame:
                      "minutes": round(j.get("seconds", 0) / 60, 1) if j.get("seconds") else None})
     return pd.DataFrame(rows)
 
+# %% ../nbs/11_report.ipynb #6a0126c9
 def home_page(run: Run, pages: dict[str, str], figures: Sequence[Path] = ()) -> nbformat.NotebookNode:
     "The home page of the site of `run`."
     cfg = run.config
@@ -302,6 +324,7 @@ def evolution_figures(diffs: dict[int, DiffFindings]) -> list[tuple[str, bytes]]
         out.append(("share of heads with lower entropy per checkpoint", figure_png(fig)))
     return out
 
+# %% ../nbs/11_report.ipynb #6d24e849
 def evolution_page(run: Run, pages: dict[str, str]) -> nbformat.NotebookNode:
     "The evolution page of `run`."
     nb = new_page("Evolution across checkpoints", "How the model and its circuit change during fine-tuning", 1)
@@ -370,11 +393,11 @@ def bakeoff_page(run: Run, pages: dict[str, str]) -> nbformat.NotebookNode:
     nb = new_page("PEFT bake-off", "Full fine-tuning vs LoRA on all, targeted, circuit and random layers", 2)
     add_markdown(nb, "Same rank, step budget and early stopping for every variant; ROUGE-1/2/L F1 with bootstrap "
                      "confidence intervals, trainable parameters, steps to the best validation loss and wall time.")
-    bake = run_table(run, "peft", "bakeoff.csv")
+    bake = bakeoff_of(run)
     if bake is None: add_markdown(nb, "The bake-off has not run.")
     else:
         add_outputs(nb, table_output(bake))
-        if run.path("peft", "bakeoff.png").exists(): add_outputs(nb, png_output(run.path("peft", "bakeoff.png"), "peft/bakeoff.png"))
+        if run.path("peft", BAKEOFF_FIGURE).exists(): add_outputs(nb, png_output(run.path("peft", BAKEOFF_FIGURE), f"peft/{BAKEOFF_FIGURE}"))
     add_markdown(nb, "## ROUGE of the base and the fine-tuned model")
     rouge = run_table(run, "evaluate", "rouge.csv")
     if rouge is None: add_markdown(nb, "The evaluation stage has not run.")
@@ -384,11 +407,13 @@ def bakeoff_page(run: Run, pages: dict[str, str]) -> nbformat.NotebookNode:
     if "peft" in pages: add_markdown(nb, f"The executed notebook: [PEFT bake-off]({pages['peft']}).")
     return nb
 
+# %% ../nbs/11_report.ipynb #a61a45f4
 def run_figures(run: Run) -> list[Path]:
     "Every figure file (PNG, SVG, JPEG) the run wrote, in folder order."
     return sorted(p for ext in ("png", "svg", "jpg", "jpeg") for p in run.folder.rglob(f"*.{ext}")
                   if not any(part.startswith(".") for part in p.relative_to(run.folder).parts))
 
+# %% ../nbs/11_report.ipynb #84dab6ed
 def figures_page(run: Run) -> nbformat.NotebookNode:
     "Every figure file of the run, by folder, each captioned with its path."
     nb = new_page("All figures", f"Every figure file in runs/{run.name}/", 3)
@@ -413,6 +438,7 @@ def _relative_depth(values: Sequence[float]) -> list[float]:
     n = len(values)
     return [(i + 0.5) / n for i in range(n)]
 
+# %% ../nbs/11_report.ipynb #1d9366b3
 def compare_page(runs: Sequence[Run]) -> nbformat.NotebookNode:
     "The comparison of several runs."
     import matplotlib; matplotlib.use("Agg")
@@ -428,7 +454,7 @@ def compare_page(runs: Sequence[Run]) -> nbformat.NotebookNode:
         kls, critical = final.layer_kl, final.critical_layers
         circuits = run.circuits()
         profile = circuits[max(circuits)].layer_profile if circuits else None
-        bake = run_table(run, "peft", "bakeoff.csv")
+        bake = bakeoff_of(run)
         best = None
         if bake is not None and "rougeL" in bake.columns:
             b = bake.sort_values("rougeL", ascending=False).iloc[0]; best = f"{b[bake.columns[0]]} ({b['rougeL']:.3f})"
@@ -458,7 +484,7 @@ def compare_page(runs: Sequence[Run]) -> nbformat.NotebookNode:
     add_markdown(nb, "## Bake-off tables")
     cells = []
     for run in runs:
-        bake = run_table(run, "peft", "bakeoff.csv")
+        bake = bakeoff_of(run)
         inner = bake.to_html(index=False, float_format="{:.3g}".format, na_rep="", border=0, classes="dataframe table") \
             if bake is not None else "<p>no bake-off in this run</p>"
         cells.append(f'<div class="compare-column"><h3>{html.escape(run.name)}</h3>{inner}</div>')
@@ -480,11 +506,13 @@ def _documented(source: str, mod) -> list:
         elif node.name in public: out.append(getattr(mod, node.name, None))
     return [o for o in out if o is not None]
 
+# %% ../nbs/11_report.ipynb #b05c2364
 def api_doc(obj) -> str:
     "nbdev's `show_doc` of `obj` as markdown: its signature, docstring and, where its parameters carry comments, their table."
     md = show_doc(obj)._repr_markdown_()
     return re.sub(r"^\[source\]\([^)]*\)\{[^}]*\}\s*$", "", md, flags=re.M).strip()   # no link into a repository
 
+# %% ../nbs/11_report.ipynb #f8f37097
 def api_page(notebook: str | Path, order: int) -> nbformat.NotebookNode | None:
     """The API page of a library notebook (None for notebooks that export nothing): the notebook itself, each export
     cell followed by the `show_doc` of what it defines, as nbdev's documentation pages do."""
@@ -544,6 +572,7 @@ def stage_site(runs: Sequence[Run], folder: str | Path, root: str | Path | None 
     relink_pages(folder)
     return folder
 
+# %% ../nbs/11_report.ipynb #1c968adb
 _NB_LINK = re.compile(r"\]\(([^)\s#]+\.ipynb)(#[^)\s]*)?\)")
 
 def relink_pages(folder: str | Path) -> None:
@@ -576,6 +605,7 @@ def _holds_run(folder: Path, depth: int = 3) -> Path | None:
             if hits := glob.glob(os.path.join(glob.escape(str(folder)), *(["*"] * d), name)): return Path(hits[0])
     return None
 
+# %% ../nbs/11_report.ipynb #bb07e2f1
 def check_site_folder(out: str | Path, option: str = "--out") -> Path:
     """Refuse (`ValueError`) an `out` that holds a run, or that is not empty and holds no marker of a site this
     renderer made. `option` names the folder in the message (`--out`, or `proc` for the staging folder)."""
@@ -590,6 +620,7 @@ def check_site_folder(out: str | Path, option: str = "--out") -> Path:
                          "refusing to replace it; pass a new or empty folder, or remove this one yourself.")
     return out
 
+# %% ../nbs/11_report.ipynb #d07595c0
 def render_report(runs: Sequence[str | Path], out: str | Path = "_site", renderer: str = "auto",
                   root: str | Path | None = None, proc: str | Path | None = None) -> Path:
     """Render the site of `runs[0]` (and the comparison of all `runs`) into `out`; returns `out`. The site is

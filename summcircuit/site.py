@@ -33,9 +33,11 @@ class NavItem:
     href: str | None = None
     children: list["NavItem"] = field(default_factory=list)
 
+# %% ../nbs/10b_site.ipynb #9d0d4c07
 def _page_meta(path: Path) -> dict:
     return front_matter(nbformat.read(str(path), as_version=4)) if path.suffix == ".ipynb" and path.exists() else {}
 
+# %% ../nbs/10b_site.ipynb #1763f3de
 def _expand(entry: Any, folder: Path) -> list[NavItem]:
     "Sidebar entries for one `_quarto.yml` entry."
     if isinstance(entry, str):
@@ -53,6 +55,7 @@ def _expand(entry: Any, folder: Path) -> list[NavItem]:
     href = entry.get("href")
     return [NavItem(entry.get("text") or _page_meta(folder / href).get("title", Path(href).stem), href)]
 
+# %% ../nbs/10b_site.ipynb #8615c675
 def site_navigation(folder: str | Path) -> tuple[str, list[NavItem], list[NavItem]]:
     "The site title, the navbar items and the sidebar tree of the staged project in `folder`."
     folder = Path(folder)
@@ -63,6 +66,7 @@ def site_navigation(folder: str | Path) -> tuple[str, list[NavItem], list[NavIte
     sidebar = [i for e in sidebar_cfg.get("contents", []) for i in _expand(e, folder)]
     return site.get("title", "summcircuit"), navbar, sidebar
 
+# %% ../nbs/10b_site.ipynb #5a8e9637
 def site_pages(folder: str | Path) -> list[Path]:
     "The notebooks `project.render` of the staged `_quarto.yml` names, relative to `folder`."
     folder = Path(folder)
@@ -116,8 +120,10 @@ def relative_href(target: str, page: str) -> str:
     "`target` (a site path) relative to the folder of `page`."
     return os.path.relpath(target, os.path.dirname(page) or ".").replace(os.sep, "/")
 
+# %% ../nbs/10b_site.ipynb #e66fc2bb
 def _html_name(path: str) -> str: return re.sub(r"\.(ipynb|qmd|md)$", ".html", path)
 
+# %% ../nbs/10b_site.ipynb #60e3b44d
 def _nav_html(items: list[NavItem], page: str) -> str:
     out = ["<ul>"]
     for it in items:
@@ -130,6 +136,7 @@ def _nav_html(items: list[NavItem], page: str) -> str:
     out.append("</ul>")
     return "".join(out)
 
+# %% ../nbs/10b_site.ipynb #4a748cd2
 _MATH = re.compile(r"\$\$(.+?)\$\$|(?<![\\$\w])\$(?!\s)([^$\n]+?)(?<!\s)\$(?![\w$])", re.S)
 
 def math_to_mathml(text: str) -> str | None:
@@ -144,6 +151,7 @@ def math_to_mathml(text: str) -> str | None:
     out, n = _MATH.subn(sub, html.escape(text, quote=False))
     return out if n else None
 
+# %% ../nbs/10b_site.ipynb #eae4491b
 def _postprocess(doc: str, page: str, title: str, description: str, site_title: str, navbar: list[NavItem],
                  sidebar: list[NavItem], pages: set[str]) -> str:
     from bs4 import BeautifulSoup, NavigableString
@@ -208,6 +216,7 @@ def render_offline(folder: str | Path, out: str | Path) -> Path:
     if (folder / "viewer").is_dir(): shutil.copytree(folder / "viewer", out / "viewer", dirs_exist_ok=True)
     return out
 
+# %% ../nbs/10b_site.ipynb #0ea442fc
 def render_with_quarto(folder: str | Path, out: str | Path) -> Path:
     "Render the staged project with Quarto (`quarto render`), into `out`."
     out = Path(out).resolve()

@@ -25,6 +25,7 @@ def _node_id(graph: Graph, span: int, source: int | None) -> str:
     name = "logits" if source is None else graph.source_names[source]
     return f"{name}@{graph.spans[span]}" if graph.positional else name
 
+# %% ../nbs/08c_viewer.ipynb #705187ea
 def node_positions(graph: Graph, span: int, source: int | None) -> tuple[float, float]:
     "Canvas position of a node instance: layers top to bottom, heads then the MLP left to right, spans side by side."
     H, L = graph.spec.n_heads, graph.spec.n_layers
@@ -34,6 +35,7 @@ def node_positions(graph: Graph, span: int, source: int | None) -> tuple[float, 
     l = int(graph.source_layer[source])
     return x0 + (source - graph.head_source(l, 0)) * 60, (l + 1) * 80
 
+# %% ../nbs/08c_viewer.ipynb #c44866bc
 def _owner(graph: Graph, destination: int) -> int | None:
     "The source node that reads `destination` (the first head of a shared k/v group); None for the logits."
     if destination == graph.logits_destination: return None
@@ -128,6 +130,7 @@ def _page(title: str, bar: str, elements: dict, counts: dict) -> str:
 <div id="tip">hover a node or an edge</div><div id="cy"></div>
 <script>{CYTOSCAPE_JS.read_text()}</script><script>{_SCRIPT % {"data": data}}</script></body></html>"""
 
+# %% ../nbs/08c_viewer.ipynb #0b910c69
 def circuit_page(circuit: torch.Tensor, scores: torch.Tensor, graph: Graph, title: str = "circuit") -> str:
     "A self-contained HTML page drawing `circuit` with its `scores`."
     els = circuit_elements(circuit, scores, graph)

@@ -118,12 +118,12 @@ def test_early_stopping_keeps_the_best_weights():
 def test_run_variant_reports_counts_and_rouge():
     r = run_variant("tiny-llama", lora_circuit([(1, 0), (2, 3)]), TRAIN, VAL, synthetic_examples(3, seed=4),
                     CFG, seed=0, progress=False)
-    assert r["layers"] == [1, 2] and r["heads"] == {"1": [0], "2": [3]}
+    assert r.layers == [1, 2] and r.heads == {"1": [0], "2": [3]}
     # q rows of one head and v rows of its kv head, at two layers: 2 * 8 * ((32 + 8) + (32 + 8))
-    assert r["trainable_params"] == r["trainable_params_closed_form"] == r["trainable_params_library"] == 2 * 8 * 80
-    assert len(r["rouge"]["predictions"]) == 3 and r["wall_s"] > 0
+    assert r.trainable_params == r.counts["closed_form"] == r.counts["library"] == 2 * 8 * 80
+    assert len(r.rouge.predictions) == 3 and r.wall_s > 0
     everything = run_variant("tiny-llama", full(), TRAIN, VAL, synthetic_examples(2, seed=4), CFG, progress=False)
-    assert everything["trainable_params"] == sum(p.numel() for p in tiny_model("tiny-llama").parameters())
+    assert everything.trainable_params == sum(p.numel() for p in tiny_model("tiny-llama").parameters())
 
 
 def test_bad_input():
