@@ -317,9 +317,18 @@ def split_documents(items: Sequence, n_find: int, n_score: int, seed: int = 0) -
     return [items[i] for i in idx[:n_find]], [items[i] for i in idx[n_find:n_find + n_score]]
 
 # %% ../nbs/08_circuits.ipynb #e1aef79d
-def robustness(lm: LoadedModel, pairs: Sequence, variant_pairs: Sequence | None = None, n_edges: int = 100,
-               method: str = "eap-ig", ig_steps: int = 5, gim=None, batch_size: int = 4, seed: int = 0,
-               progress: bool = True, **attribute_kw) -> dict:
+def robustness(lm: LoadedModel,                       # the model
+               pairs: Sequence,                         # split into two disjoint halves
+               variant_pairs: Sequence | None = None,   # the same documents under another corruption
+               n_edges: int = 100,                      # the top edges compared
+               method: str = "eap-ig",                  # `attribute`'s
+               ig_steps: int = 5,
+               gim=None,
+               batch_size: int = 4,
+               seed: int = 0,                           # the halves' split
+               progress: bool = True,
+               **attribute_kw,                          # more of `attribute`'s options (`spans`, `metric`, ...)
+              ) -> dict:
     "Jaccard of top-n edges across disjoint halves (and corruption variants), and held-out faithfulness."
     half_a, half_b = split_halves(pairs, seed)
     kw = dict(method=method, ig_steps=ig_steps, gim=gim, batch_size=batch_size, progress=progress, **attribute_kw)
@@ -355,8 +364,14 @@ def sample_edges(circuit: torch.Tensor, k: int, seed: int = 0) -> list[list[int]
     return edges if len(edges) <= k else random.Random(seed).sample(edges, k)
 
 # %% ../nbs/08_circuits.ipynb #778589c8
-def exact_agreement(lm: LoadedModel, att: Attribution, pairs: Sequence, n: int = 100, batch_size: int = 4,
-                    progress: bool = True, edges: Sequence | None = None) -> dict:
+def exact_agreement(lm: LoadedModel,                  # the model
+                    att: Attribution,                  # the estimate
+                    pairs: Sequence,                   # the pairs `att` was made on (or ready `PatchBatch`es)
+                    n: int = 100,                      # the top-n |score| edges to patch, one at a time
+                    batch_size: int = 4,
+                    progress: bool = True,
+                    edges: Sequence | None = None,     # these edges instead (e.g. `sample_edges` of a circuit)
+                   ) -> dict:
     """Spearman's ρ and sign agreement between edges' scores and their exact patching effects on `pairs`: the `n`
     top |score| edges, or `edges` (e.g. `sample_edges` of a circuit). Pass the pairs `att` was made on, so the
     estimate and the truth answer the same question."""

@@ -243,8 +243,12 @@ def check_comparable(lm_a: LoadedModel, lm_b: LoadedModel) -> None:
         raise ValueError(f"Models {lm_a.name!r} and {lm_b.name!r} have different tokenizers: compare checkpoints of one model.")
 
 # %% ../nbs/05_diff.ipynb #219790f0
-def differential_analysis(lm_a: LoadedModel, lm_b: LoadedModel, prompts: Sequence[Prompt], batch_size: int = 4,
-                          progress: bool = True) -> DiffResult:
+def differential_analysis(lm_a: LoadedModel,                  # model a: the base
+                          lm_b: LoadedModel,                    # model b: the fine-tuned checkpoint of the same model
+                          prompts: Sequence[Prompt],            # the inputs both read (two or more, for intervals)
+                          batch_size: int = 4,
+                          progress: bool = True,
+                         ) -> DiffResult:
     "Compare model `a` (base) with `b` (fine-tuned) on `prompts`: one forward pass per model per batch."
     check_comparable(lm_a, lm_b)
     for lm in (lm_a, lm_b): check_finite_weights(lm, "differential analysis")
@@ -366,9 +370,15 @@ def random_draws(pool: Sequence, k: int, n: int, seed: int = 0) -> list[list]:
     return [sorted(rng.sample(list(pool), k)) for _ in range(n)]
 
 # %% ../nbs/05_diff.ipynb #5c8d1c43
-def causal_check(lm: LoadedModel, batches: Sequence[tuple[Batch, Batch]], layers: Sequence[int],
-                 heads: Sequence[tuple[int, int]], n_random: int = 10, seed: int = 0,
-                 progress: bool = True, metric: str | Callable = "summary_logprob") -> list[AblationComparison]:
+def causal_check(lm: LoadedModel,                              # the fine-tuned model
+                 batches: Sequence[tuple[Batch, Batch]],        # clean/corrupted batches (`pair_batches`)
+                 layers: Sequence[int],                         # the critical layers to ablate
+                 heads: Sequence[tuple[int, int]],              # the heads to ablate, (layer, head)
+                 n_random: int = 10,                            # random sets of as many other layers / heads
+                 seed: int = 0,                                 # their draws
+                 progress: bool = True,
+                 metric: str | Callable = "summary_logprob",    # a name of `METRICS`, or a function
+                ) -> list[AblationComparison]:
     """Drops of `metric` (a name of `summcircuit.metrics.METRICS`) when mean-ablating / patching-to-corrupted
     `layers` and `heads`, against `n_random` random sets of others."""
     spec = lm.spec

@@ -170,8 +170,13 @@ def score_predictions(examples: Sequence[SummaryExample], predictions: Sequence[
     return RougeResult([e.id for e in examples], list(predictions), refs, rouge_scores(predictions, refs))
 
 # %% ../nbs/03b_evaluate.ipynb #52bef1a3
-def evaluate_rouge(lm: LoadedModel, examples: Sequence[SummaryExample], max_source_tokens: int = 160,
-                   max_new_tokens: int = 48, batch_size: int = 8, progress: bool = True) -> RougeResult:
+def evaluate_rouge(lm: LoadedModel,                     # the model that summarizes
+                   examples: Sequence[SummaryExample],    # the held-out documents, with their references
+                   max_source_tokens: int = 160,          # the source budget it was trained with
+                   max_new_tokens: int = 48,              # the longest summary
+                   batch_size: int = 8,                   # documents generated together
+                   progress: bool = True,
+                  ) -> RougeResult:
     "Generate summaries of `examples` with `lm` and score them with ROUGE-1/2/L F1."
     check_finite_weights(lm, "ROUGE evaluation")
     preds = generate_summaries(lm, examples, max_source_tokens, max_new_tokens, batch_size, progress)

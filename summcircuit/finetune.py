@@ -234,9 +234,15 @@ def process_device(device: str) -> str:
     return device
 
 # %% ../nbs/03_finetune.ipynb #e8088f01
-def finetune(lm: LoadedModel, train_examples: Sequence[SummaryExample], val_examples: Sequence[SummaryExample],
-             folder: str | Path, cfg: TrainingConfig | None = None, seed: int = 0,
-             callbacks: Sequence[TrainerCallback] = (), progress: bool = True) -> FinetuneRun:
+def finetune(lm: LoadedModel,                               # trained in place
+             train_examples: Sequence[SummaryExample],
+             val_examples: Sequence[SummaryExample],        # the validation loss at every checkpoint
+             folder: str | Path,                            # checkpoints and `checkpoints.json`; a rerun resumes here
+             cfg: TrainingConfig | None = None,             # default: `TrainingConfig()`
+             seed: int = 0,
+             callbacks: Sequence[TrainerCallback] = (),     # more `Trainer` callbacks
+             progress: bool = True,
+            ) -> FinetuneRun:
     "Fully fine-tune `lm` (in place) on `train_examples`, checkpointing into `folder`; resumes an interrupted run."
     cfg = cfg or TrainingConfig()
     folder = Path(folder)
