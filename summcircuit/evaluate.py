@@ -5,23 +5,26 @@
 # %% ../nbs/03b_evaluate.ipynb #e74895d3
 from __future__ import annotations
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 import torch
+from fastcore.basics import patch
 from scipy import stats
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from .core import content_hash
+from .core import Run, atomic_path, content_hash
 from .data import SummaryExample, build_prompt
 from .models import LoadedModel, check_finite_weights
 
 # %% auto #0
-__all__ = ['ROUGE_METRICS', 'RougeConfig', 'left_pad', 'stop_token_ids', 'clean_summary', 'FirstLineStop', 'generate_summaries',
-           'rouge_scores', 'Interval', 'bootstrap', 'bootstrap_ci', 'paired_difference_ci', 'RougeResult',
-           'score_predictions', 'evaluate_rouge', 'rouge_artifact_name', 'lead_summaries', 'rouge_table',
-           'format_rouge_table', 'plot_rouge']
+__all__ = ['ROUGE_METRICS', 'ROUGE_TABLE', 'ROUGE_FIGURE', 'RougeConfig', 'left_pad', 'stop_token_ids', 'clean_summary',
+           'FirstLineStop', 'generate_summaries', 'rouge_scores', 'Interval', 'bootstrap', 'bootstrap_ci',
+           'paired_difference_ci', 'RougeResult', 'score_predictions', 'evaluate_rouge', 'rouge_artifact_name',
+           'lead_summaries', 'rouge_table', 'format_rouge_table', 'plot_rouge', 'save_rouge']
 
 # %% ../nbs/03b_evaluate.ipynb #ce178047
 @dataclass
@@ -246,3 +249,19 @@ def plot_rouge(table, title: str = "", ax=None):
     ax.set_title(title or "ROUGE with 95% bootstrap intervals"); ax.legend()
     ax.figure.tight_layout()
     return ax.figure
+
+# %% ../nbs/03b_evaluate.ipynb #776499bf
+ROUGE_TABLE, ROUGE_FIGURE = "rouge.csv", "rouge.png"      # what the evaluation stage writes beside the summaries
+
+def save_rouge(table, folder: str | Path, title: str = "") -> None:
+    "Write the ROUGE table (`rouge.csv`, a row per system) and its figure (`rouge.png`) into `folder`, atomically."
+    folder = Path(folder)
+    with atomic_path(folder / ROUGE_TABLE) as tmp: table.to_csv(tmp)
+    with atomic_path(folder / ROUGE_FIGURE) as tmp: plot_rouge(table, title).savefig(tmp, dpi=120, format="png")
+
+@patch
+def rouge(self: Run) -> pd.DataFrame:
+    "The run's ROUGE table (base, fine-tuned and lead-1, indexed by `system`), only from a finished evaluation job."
+    path = self.finished_job("evaluate").folder / ROUGE_TABLE
+    if not path.exists(): raise FileNotFoundError(f"{path} does not exist: the evaluation job finished without its table; rerun it.")
+    return pd.read_csv(path, index_col=0)

@@ -17,23 +17,18 @@ from transformers import AutoConfig
 from .circuits import CircuitRecord, evolution_table, load_circuit_snapshots, plot_evolution
 from .core import Run, project_root, save_json
 from .diff import DiffFindings
+from .evaluate import ROUGE_FIGURE
 from .graph import Graph
 from .lora import BAKEOFF_FIGURE
 from .models import arch_spec
 from .site import front_matter, relative_href, render_offline, render_with_quarto
 
 # %% auto #0
-__all__ = ['QUESTIONS', 'SITE_MARKER', 'run_table', 'checkpoint_table', 'unfinished', 'final_diff', 'causal_table', 'bakeoff_of',
+__all__ = ['QUESTIONS', 'SITE_MARKER', 'checkpoint_table', 'unfinished', 'final_diff', 'causal_table', 'bakeoff_of', 'rouge_of',
            'run_spec', 'circuit_evolution', 'circuit_viewers', 'new_page', 'add_markdown', 'add_outputs', 'png_output',
            'table_output', 'figure_png', 'clean_notebook', 'setup_findings', 'headline_findings', 'stage_list',
            'home_page', 'evolution_figures', 'evolution_page', 'bakeoff_page', 'run_figures', 'figures_page',
            'compare_page', 'api_doc', 'api_page', 'stage_site', 'relink_pages', 'check_site_folder', 'render_report']
-
-# %% ../nbs/11_report.ipynb #eec5425c
-def run_table(run: Run, *parts: str, **kw) -> pd.DataFrame | None:
-    "A CSV artifact of `run` as a table, or None if it does not exist."
-    p = run.path(*parts)
-    return pd.read_csv(p, **kw) if p.exists() else None
 
 # %% ../nbs/11_report.ipynb #e54eef71
 def checkpoint_table(run: Run) -> pd.DataFrame | None:
@@ -67,6 +62,12 @@ def causal_table(found: DiffFindings) -> pd.DataFrame | None:
 def bakeoff_of(run: Run) -> pd.DataFrame | None:
     "The run's bake-off table (`run.bakeoff()`, `system` as its first column), or None when no bake-off finished."
     try: return run.bakeoff().reset_index()
+    except (FileNotFoundError, ValueError): return None
+
+# %% ../nbs/11_report.ipynb #45e30a7e
+def rouge_of(run: Run) -> pd.DataFrame | None:
+    "The run's ROUGE table (`run.rouge()`, `system` as its first column), or None when no evaluation finished."
+    try: return run.rouge().reset_index()
     except (FileNotFoundError, ValueError): return None
 
 # %% ../nbs/11_report.ipynb #a9009db0
@@ -216,7 +217,7 @@ def headline_findings(run: Run) -> list[str]:
     if cks is not None and len(cks) > 1 and cks.val_loss.notna().all():
         out.append(f"**Fine-tuning** ({len(cks) - 1} checkpoints, {int(cks.step.max())} steps) moved the validation loss on "
                    f"summary tokens from {cks.val_loss.iloc[0]:.3f} to {cks.val_loss.iloc[-1]:.3f} nats.")
-    rouge = run_table(run, "evaluate", "rouge.csv")
+    rouge = rouge_of(run)
     if rouge is not None and {"system", "rougeL"} <= set(rouge.columns):
         r = rouge.set_index("system")
         parts = [f"{s} {r.loc[s, 'rougeL']:.3f}" + (f" [{r.loc[s, 'rougeL_low']:.3f}, {r.loc[s, 'rougeL_high']:.3f}]"
@@ -399,11 +400,11 @@ def bakeoff_page(run: Run, pages: dict[str, str]) -> nbformat.NotebookNode:
         add_outputs(nb, table_output(bake))
         if run.path("peft", BAKEOFF_FIGURE).exists(): add_outputs(nb, png_output(run.path("peft", BAKEOFF_FIGURE), f"peft/{BAKEOFF_FIGURE}"))
     add_markdown(nb, "## ROUGE of the base and the fine-tuned model")
-    rouge = run_table(run, "evaluate", "rouge.csv")
+    rouge = rouge_of(run)
     if rouge is None: add_markdown(nb, "The evaluation stage has not run.")
     else:
         add_outputs(nb, table_output(rouge))
-        if run.path("evaluate", "rouge.png").exists(): add_outputs(nb, png_output(run.path("evaluate", "rouge.png"), "evaluate/rouge.png"))
+        if run.path("evaluate", ROUGE_FIGURE).exists(): add_outputs(nb, png_output(run.path("evaluate", ROUGE_FIGURE), f"evaluate/{ROUGE_FIGURE}"))
     if "peft" in pages: add_markdown(nb, f"The executed notebook: [PEFT bake-off]({pages['peft']}).")
     return nb
 
