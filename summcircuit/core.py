@@ -10,13 +10,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import pandas as pd
 import torch
 
 # %% auto #0
 __all__ = ['FULL_HASH_LIMIT', 'SAMPLE_BYTES', 'FINISHED', 'resolve_device', 'seed_everything', 'cache_dir', 'run_dir',
            'project_root', 'runs_root', 'atomic_path', 'atomic_write', 'save_json', 'load_json', 'save_tensors',
-           'load_tensors', 'content_hash', 'load_keyed', 'file_fingerprint', 'fingerprint_problem', 'RecordedJob',
-           'recorded_jobs', 'Run', 'FolderLocked', 'folder_lock', 'hub_reachable', 'hub_offline']
+           'load_tensors', 'save_csv', 'save_figure', 'content_hash', 'load_keyed', 'file_fingerprint',
+           'fingerprint_problem', 'RecordedJob', 'recorded_jobs', 'Run', 'FolderLocked', 'folder_lock', 'hub_reachable',
+           'hub_offline']
 
 # %% ../nbs/00_core.ipynb #e662495f
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -137,6 +139,18 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[s
     except Exception as e:                       # truncated or not a safetensors file: name it
         raise ValueError(f"Artifact {path} is damaged (truncated or not a safetensors file: {e}); delete it and rerun "
                          "the stage that writes it (`summcircuit run` reruns a job whose outputs changed).") from e
+
+# %% ../nbs/00_core.ipynb #edbdcc2f
+def save_csv(path: str | Path, table: pd.DataFrame) -> Path:
+    "Write `table` (its index as the first column) to `path` as CSV, atomically."
+    with atomic_path(path, suffix=".csv") as tmp: table.to_csv(tmp)
+    return Path(path)
+
+# %% ../nbs/00_core.ipynb #1a036600
+def save_figure(path: str | Path, fig) -> Path:
+    "Save a matplotlib figure as PNG to `path`, atomically."
+    with atomic_path(path, suffix=".png") as tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    return Path(path)
 
 # %% ../nbs/00_core.ipynb #a51f709d
 def content_hash(*objs: Any, length: int = 16) -> str:
@@ -278,6 +292,13 @@ class Run:
             raise ValueError(f"The job {j.job} of run '{self.name}' {j.status}" + (f" ({j.reason.splitlines()[0]})" if j.reason else "")
                              + ": its results are not read; rerun it (`summcircuit run` resumes the run).")
         return j
+
+    def table(self, stage: str, name: str, step: int | None = None) -> pd.DataFrame:
+        "The table `name` (CSV, its first column the index) that the finished job of `stage` (and `step`) wrote."
+        path = self.finished_job(stage, step).folder / name
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist: the {stage} job finished without its table; rerun it.")
+        return pd.read_csv(path, index_col=0)
 
     def finished_steps(self, stage: str) -> list[int | None]:
         "The checkpoint steps of the jobs of `stage` that finished, in pipeline order."

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from tqdm.auto import tqdm
 
-from .core import Run, atomic_path, load_json, load_tensors, save_json, save_tensors
+from .core import Run, load_json, load_tensors, save_figure, save_json, save_tensors
 from .data import Batch, Prompt, build_prompt, collate, load_examples, logits_window
 from .evaluate import bootstrap
 from .metrics import check_finite_metric, get_metric
@@ -25,8 +25,7 @@ from .models import LoadedModel, check_finite_weights, load_model
 __all__ = ['head_entropy', 'attention_kl', 'hidden_cosine', 'layer_entropies', 'read_internals', 'DiffResult',
            'bootstrap_share_below_zero', 'check_comparable', 'differential_analysis', 'head_outputs',
            'mean_head_outputs', 'run_with_head_outputs', 'AblationComparison', 'layer_mask', 'head_mask_of',
-           'random_draws', 'causal_check', 'save_figure', 'plot_head_maps', 'plot_layer_profiles', 'plot_ablations',
-           'DiffFindings']
+           'random_draws', 'causal_check', 'plot_head_maps', 'plot_layer_profiles', 'plot_ablations', 'DiffFindings']
 
 # %% ../nbs/05_diff.ipynb #7d037566
 def _query_mask(attention_mask: torch.Tensor | None, b: int, T: int, device) -> torch.Tensor:
@@ -415,12 +414,6 @@ def causal_check(lm: LoadedModel,                              # the fine-tuned 
                                           m_clean.mean().item(), m_corr.mean().item()))
     return results
 
-# %% ../nbs/05_diff.ipynb #3ae6ad0a
-def save_figure(fig, path: str | Path | None) -> None:
-    "Save a matplotlib figure as PNG atomically (nothing when `path` is None)."
-    if path is None: return
-    with atomic_path(path, suffix=".png") as tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-
 # %% ../nbs/05_diff.ipynb #fad41b69
 def plot_head_maps(result: DiffResult, path: str | Path | None = None):
     "Layer × head heatmaps of ΔH (raw and normalized) and of attention KL."
@@ -431,7 +424,8 @@ def plot_head_maps(result: DiffResult, path: str | Path | None = None):
                                 (axes[2], result.head_kl, "KL(base ‖ fine-tuned)", dict(cmap="viridis"))):
         sns.heatmap(data.numpy(), ax=ax, **kw)
         ax.set(title=title, xlabel="head", ylabel="layer")
-    fig.tight_layout(); save_figure(fig, path)
+    fig.tight_layout()
+    if path is not None: save_figure(path, fig)
     return fig
 
 # %% ../nbs/05_diff.ipynb #10142aca
@@ -449,7 +443,8 @@ def plot_layer_profiles(result: DiffResult, path: str | Path | None = None):
     sns.barplot(share, x="layer", y="share", hue="neurons", ax=axes[1])
     axes[1].set(title="MLP neurons that changed")
     if result.n_layers > 12: axes[1].tick_params(axis="x", labelsize=7)
-    fig.tight_layout(); save_figure(fig, path)
+    fig.tight_layout()
+    if path is not None: save_figure(path, fig)
     return fig
 
 # %% ../nbs/05_diff.ipynb #7f35a78b
@@ -466,7 +461,8 @@ def plot_ablations(comparisons: Sequence[AblationComparison], path: str | Path |
     ax.legend([Line2D([], [], ls="", marker="o", color="grey"), Line2D([], [], ls="", marker="D", color="crimson")],
               ["random sets of as many others", "critical layers / top heads"], loc="best", fontsize=8)
     ax.set(title="drop of the task metric, m(clean) − m(intervened)", ylabel="metric drop (nats/token)", xlabel="")
-    fig.tight_layout(); save_figure(fig, path)
+    fig.tight_layout()
+    if path is not None: save_figure(path, fig)
     return fig
 
 # %% ../nbs/05_diff.ipynb #9ebdebc2

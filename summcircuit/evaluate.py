@@ -16,7 +16,7 @@ from scipy import stats
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from .core import Run, atomic_path, content_hash
+from .core import Run, content_hash, save_csv, save_figure
 from .data import SummaryExample, build_prompt
 from .models import LoadedModel, check_finite_weights
 
@@ -253,15 +253,16 @@ def plot_rouge(table, title: str = "", ax=None):
 # %% ../nbs/03b_evaluate.ipynb #776499bf
 ROUGE_TABLE, ROUGE_FIGURE = "rouge.csv", "rouge.png"      # what the evaluation stage writes beside the summaries
 
-def save_rouge(table, folder: str | Path, title: str = "") -> None:
-    "Write the ROUGE table (`rouge.csv`, a row per system) and its figure (`rouge.png`) into `folder`, atomically."
-    folder = Path(folder)
-    with atomic_path(folder / ROUGE_TABLE) as tmp: table.to_csv(tmp)
-    with atomic_path(folder / ROUGE_FIGURE) as tmp: plot_rouge(table, title).savefig(tmp, dpi=120, format="png")
+def save_rouge(table: pd.DataFrame,                      # `rouge_table`'s result, a row per system
+               folder: str | Path,                       # the evaluation job's folder
+               title: str = "",                          # the figure's title
+              ) -> None:
+    "Write the ROUGE table (`rouge.csv`) and its figure (`rouge.png`) into `folder`, atomically."
+    save_csv(Path(folder) / ROUGE_TABLE, table)
+    save_figure(Path(folder) / ROUGE_FIGURE, plot_rouge(table, title))
 
+# %% ../nbs/03b_evaluate.ipynb #c7cf4239
 @patch
 def rouge(self: Run) -> pd.DataFrame:
     "The run's ROUGE table (base, fine-tuned and lead-1, indexed by `system`), only from a finished evaluation job."
-    path = self.finished_job("evaluate").folder / ROUGE_TABLE
-    if not path.exists(): raise FileNotFoundError(f"{path} does not exist: the evaluation job finished without its table; rerun it.")
-    return pd.read_csv(path, index_col=0)
+    return self.table("evaluate", ROUGE_TABLE)

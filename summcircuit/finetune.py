@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 import torch
+from fastcore.basics import patch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from .core import content_hash, load_json, load_keyed, run_dir, save_json, seed_everything
+from .core import Run, content_hash, load_json, load_keyed, run_dir, save_json, seed_everything
 from .data import Prompt, SummaryExample, build_prompt, collate, load_examples
 from .models import WEIGHT_FILES, ArchSpec, LoadedModel, load_model
 
@@ -155,6 +156,12 @@ def load_checkpoints(run_folder: str | Path) -> list[Checkpoint]:
             ck = replace(ck, path=str(path.resolve()))
         out.append(ck)
     return sorted(out, key=lambda c: c.step)
+
+# %% ../nbs/03_finetune.ipynb #2123914a
+@patch
+def checkpoints(self: Run) -> list[Checkpoint]:
+    "The run's fine-tuning checkpoints (step 0 = base model), only from a finished fine-tuning job."
+    return load_checkpoints(self.finished_job("finetune").folder)
 
 # %% ../nbs/03_finetune.ipynb #e123d613
 def _eval_loss_at(log_history: list[dict], step: int) -> float | None:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers import PrinterCallback, Trainer, TrainerCallback
 
 from .circuits import CircuitRecord
-from .core import Run, atomic_path, content_hash, load_json, load_keyed, run_dir, save_json, seed_everything
+from .core import Run, content_hash, load_json, load_keyed, run_dir, save_csv, save_figure, save_json, seed_everything
 from .diff import DiffFindings
 from .data import SummaryExample, load_examples
 from .evaluate import ROUGE_METRICS, RougeConfig, RougeResult, evaluate_rouge, plot_rouge, rouge_artifact_name, rouge_table
@@ -491,18 +491,20 @@ def plot_bakeoff(results: list[VariantResult], table, title: str = ""):
 # %% ../nbs/09_peft.ipynb #da2cb613
 BAKEOFF_TABLE, BAKEOFF_FIGURE = "bakeoff.csv", "bakeoff.png"     # what the stage writes beside the results
 
-def save_bakeoff(results: list[VariantResult], table, folder: str | Path, title: str = "") -> None:
+def save_bakeoff(results: list[VariantResult],           # every run of every variant
+                 table: pd.DataFrame,                    # `bakeoff_table(results)`
+                 folder: str | Path,                     # the bake-off job's folder
+                 title: str = "",                        # the figure's title
+                ) -> None:
     "Write the bake-off table (`bakeoff.csv`, a row per variant) and its figure (`bakeoff.png`) into `folder`, atomically."
-    folder = Path(folder)
-    with atomic_path(folder / BAKEOFF_TABLE) as tmp: table.to_csv(tmp)
-    with atomic_path(folder / BAKEOFF_FIGURE) as tmp: plot_bakeoff(results, table, title).savefig(tmp, dpi=120, format="png")
+    save_csv(Path(folder) / BAKEOFF_TABLE, table)
+    save_figure(Path(folder) / BAKEOFF_FIGURE, plot_bakeoff(results, table, title))
 
+# %% ../nbs/09_peft.ipynb #21fff4c0
 @patch
 def bakeoff(self: Run) -> pd.DataFrame:
     "The run's bake-off table (a row per variant, indexed by `system`), only from a finished bake-off job."
-    path = self.finished_job("peft").folder / BAKEOFF_TABLE
-    if not path.exists(): raise FileNotFoundError(f"{path} does not exist: the bake-off job finished without its table; rerun it.")
-    return pd.read_csv(path, index_col=0)
+    return self.table("peft", BAKEOFF_TABLE)
 
 # %% ../nbs/09_peft.ipynb #ff8c5b96
 def critical_layers_of_run(run_folder: str | Path) -> list[int]:

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import ast, base64, copy, glob, html, importlib, io, os, re, shutil, time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import nbformat
 import pandas as pd
@@ -18,24 +18,33 @@ from .circuits import CircuitRecord, evolution_table, load_circuit_snapshots, pl
 from .core import Run, project_root, save_json
 from .diff import DiffFindings
 from .evaluate import ROUGE_FIGURE
+from .finetune import Checkpoint
 from .graph import Graph
 from .lora import BAKEOFF_FIGURE
 from .models import arch_spec
 from .site import front_matter, relative_href, render_offline, render_with_quarto
 
 # %% auto #0
-__all__ = ['QUESTIONS', 'SITE_MARKER', 'checkpoint_table', 'unfinished', 'final_diff', 'causal_table', 'bakeoff_of', 'rouge_of',
-           'run_spec', 'circuit_evolution', 'circuit_viewers', 'new_page', 'add_markdown', 'add_outputs', 'png_output',
-           'table_output', 'figure_png', 'clean_notebook', 'setup_findings', 'headline_findings', 'stage_list',
-           'home_page', 'evolution_figures', 'evolution_page', 'bakeoff_page', 'run_figures', 'figures_page',
-           'compare_page', 'api_doc', 'api_page', 'stage_site', 'relink_pages', 'check_site_folder', 'render_report']
+__all__ = ['T', 'QUESTIONS', 'SITE_MARKER', 'finished', 'checkpoint_table', 'unfinished', 'final_diff', 'causal_table',
+           'system_table', 'run_spec', 'circuit_evolution', 'circuit_viewers', 'new_page', 'add_markdown',
+           'add_outputs', 'png_output', 'table_output', 'figure_png', 'clean_notebook', 'setup_findings',
+           'headline_findings', 'stage_list', 'home_page', 'evolution_figures', 'evolution_page', 'bakeoff_page',
+           'run_figures', 'figures_page', 'compare_page', 'api_doc', 'api_page', 'stage_site', 'relink_pages',
+           'check_site_folder', 'render_report']
+
+# %% ../nbs/11_report.ipynb #bc801cb3
+T = TypeVar("T")
+
+def finished(read: Callable[[], T]) -> T | None:
+    "`read()` (`run.rouge`, `run.bakeoff`, `run.checkpoints`, ...), or None when the run has no finished job to read it from."
+    try: return read()
+    except (FileNotFoundError, ValueError): return None
 
 # %% ../nbs/11_report.ipynb #e54eef71
 def checkpoint_table(run: Run) -> pd.DataFrame | None:
-    "Step and validation loss of every fine-tuning checkpoint (step 0 = base model)."
-    cks = run.json("finetune", "checkpoints.json")
-    if not cks: return None
-    return pd.DataFrame([{"step": c["step"], "val_loss": c.get("val_loss")} for c in cks]).sort_values("step")
+    "Step and validation loss of every fine-tuning checkpoint (step 0 = base model), from a finished fine-tuning job."
+    cks: list[Checkpoint] | None = finished(run.checkpoints)
+    return None if not cks else pd.DataFrame([{"step": c.step, "val_loss": c.val_loss} for c in cks])
 
 # %% ../nbs/11_report.ipynb #8cdb06e5
 def unfinished(run: Run, *stages: str) -> list[str]:
@@ -59,25 +68,17 @@ def causal_table(found: DiffFindings) -> pd.DataFrame | None:
     return pd.DataFrame(found.causal_rows()) if found.causal else None
 
 # %% ../nbs/11_report.ipynb #37f12a47
-def bakeoff_of(run: Run) -> pd.DataFrame | None:
-    "The run's bake-off table (`run.bakeoff()`, `system` as its first column), or None when no bake-off finished."
-    try: return run.bakeoff().reset_index()
-    except (FileNotFoundError, ValueError): return None
-
-# %% ../nbs/11_report.ipynb #45e30a7e
-def rouge_of(run: Run) -> pd.DataFrame | None:
-    "The run's ROUGE table (`run.rouge()`, `system` as its first column), or None when no evaluation finished."
-    try: return run.rouge().reset_index()
-    except (FileNotFoundError, ValueError): return None
+def system_table(read: Callable[[], pd.DataFrame]) -> pd.DataFrame | None:
+    "A run's table by system (`run.rouge`, `run.bakeoff`) with `system` as its first column, or None when no job finished with it."
+    table = finished(read)
+    return None if table is None else table.reset_index()
 
 # %% ../nbs/11_report.ipynb #a9009db0
 def run_spec(run: Run):
     "The `ArchSpec` of the run's model, from its last fine-tuning checkpoint's config (None without one)."
-    cks = run.json("finetune", "checkpoints.json")
-    if not cks: return None
-    folder = run.path("finetune", sorted(cks, key=lambda c: c["step"])[-1]["path"])
-    if not (folder / "config.json").exists(): return None
-    return arch_spec(AutoConfig.from_pretrained(folder))
+    cks = finished(run.checkpoints)
+    if not cks or not (Path(cks[-1].path) / "config.json").exists(): return None
+    return arch_spec(AutoConfig.from_pretrained(cks[-1].path))
 
 # %% ../nbs/11_report.ipynb #bde50e60
 def circuit_evolution(run: Run) -> tuple[pd.DataFrame, bytes] | None:
@@ -217,7 +218,7 @@ def headline_findings(run: Run) -> list[str]:
     if cks is not None and len(cks) > 1 and cks.val_loss.notna().all():
         out.append(f"**Fine-tuning** ({len(cks) - 1} checkpoints, {int(cks.step.max())} steps) moved the validation loss on "
                    f"summary tokens from {cks.val_loss.iloc[0]:.3f} to {cks.val_loss.iloc[-1]:.3f} nats.")
-    rouge = rouge_of(run)
+    rouge = system_table(run.rouge)
     if rouge is not None and {"system", "rougeL"} <= set(rouge.columns):
         r = rouge.set_index("system")
         parts = [f"{s} {r.loc[s, 'rougeL']:.3f}" + (f" [{r.loc[s, 'rougeL_low']:.3f}, {r.loc[s, 'rougeL_high']:.3f}]"
@@ -250,7 +251,7 @@ def headline_findings(run: Run) -> list[str]:
         out += setup_findings(last)
     if bad := unfinished(run, "circuits"):
         out.append("**Circuits** not finished in this run (no result shown for them): " + "; ".join(bad) + ".")
-    bake = bakeoff_of(run)
+    bake = system_table(run.bakeoff)
     if bake is not None and "rougeL" in bake.columns:
         name_col = bake.columns[0]
         best = bake.sort_values("rougeL", ascending=False).iloc[0]
@@ -394,13 +395,13 @@ def bakeoff_page(run: Run, pages: dict[str, str]) -> nbformat.NotebookNode:
     nb = new_page("PEFT bake-off", "Full fine-tuning vs LoRA on all, targeted, circuit and random layers", 2)
     add_markdown(nb, "Same rank, step budget and early stopping for every variant; ROUGE-1/2/L F1 with bootstrap "
                      "confidence intervals, trainable parameters, steps to the best validation loss and wall time.")
-    bake = bakeoff_of(run)
+    bake = system_table(run.bakeoff)
     if bake is None: add_markdown(nb, "The bake-off has not run.")
     else:
         add_outputs(nb, table_output(bake))
         if run.path("peft", BAKEOFF_FIGURE).exists(): add_outputs(nb, png_output(run.path("peft", BAKEOFF_FIGURE), f"peft/{BAKEOFF_FIGURE}"))
     add_markdown(nb, "## ROUGE of the base and the fine-tuned model")
-    rouge = rouge_of(run)
+    rouge = system_table(run.rouge)
     if rouge is None: add_markdown(nb, "The evaluation stage has not run.")
     else:
         add_outputs(nb, table_output(rouge))
@@ -455,7 +456,7 @@ def compare_page(runs: Sequence[Run]) -> nbformat.NotebookNode:
         kls, critical = final.layer_kl, final.critical_layers
         circuits = run.circuits()
         profile = circuits[max(circuits)].layer_profile if circuits else None
-        bake = bakeoff_of(run)
+        bake = system_table(run.bakeoff)
         best = None
         if bake is not None and "rougeL" in bake.columns:
             b = bake.sort_values("rougeL", ascending=False).iloc[0]; best = f"{b[bake.columns[0]]} ({b['rougeL']:.3f})"
@@ -485,7 +486,7 @@ def compare_page(runs: Sequence[Run]) -> nbformat.NotebookNode:
     add_markdown(nb, "## Bake-off tables")
     cells = []
     for run in runs:
-        bake = bakeoff_of(run)
+        bake = system_table(run.bakeoff)
         inner = bake.to_html(index=False, float_format="{:.3g}".format, na_rep="", border=0, classes="dataframe table") \
             if bake is not None else "<p>no bake-off in this run</p>"
         cells.append(f'<div class="compare-column"><h3>{html.escape(run.name)}</h3>{inner}</div>')
