@@ -9,7 +9,7 @@ RUNS ?= runs/$(CONFIG)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export HF_HUB_DISABLE_TELEMETRY = 1
 
-.PHONY: install run smoke report test test-fast export-check lint chromium clean
+.PHONY: install run smoke report test test-fast export-check lint chromium chapters clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: setup.py settings.ini
@@ -49,6 +49,11 @@ test: export-check lint chromium
 
 test-fast: lint
 	. $(BIN)/activate && HF_HUB_OFFLINE=1 nbdev_test --n_workers 2 && HF_HUB_OFFLINE=1 pytest -q -m "not slow"
+
+# Execute the library chapters in place so they keep their outputs (what GitHub shows); after changing a chapter:
+# `make chapters` (all, ~10 min on 2 cores) or `make chapters CHAPTERS=nbs/06_graph.ipynb`.
+chapters: install
+	. $(BIN)/activate && python scripts/execute_chapters.py $(CHAPTERS) && nbdev_clean
 
 clean:
 	rm -rf $(VENV) runs _site _proc test-artifacts

@@ -1,0 +1,73 @@
+"""Execute the library chapters in place so that they keep their outputs (tables, printed values, figures) and read
+on GitHub as they read in Jupyter. `make chapters` runs every chapter; `python scripts/execute_chapters.py
+nbs/06_graph.ipynb` one. Cells run as `nbdev_test --flags slow` runs them (same shell, same folder); an error stops
+that chapter and leaves its file as it was. Noise is not kept: stderr (warnings, progress bars), progress widgets,
+and any output over `--max-kb` (a figure that large belongs in a run's report, not in the source)."""
+import argparse, json, os, sys, time
+from pathlib import Path
+
+from execnb.nbio import read_nb, write_nb
+from execnb.shell import CaptureShell
+from nbdev.process import NBProcessor
+
+CHAPTERS = "[0-9]*.ipynb"            # library chapters; nbs/stages/ holds the pipeline's notebooks, run by the pipeline
+WIDGET = "application/vnd.jupyter.widget-view+json"
+MAX_KB = 120                          # the largest single output a chapter keeps
+
+
+def skipped(cell) -> bool:
+    "The cells nbdev_test does not run: markdown, `#| eval: false`, and the export call."
+    if cell.cell_type != "code" or "nbdev_export" + "(" in cell.source: return True
+    directives = getattr(cell, "directives_", {}) or {}
+    return directives.get("eval:", [""])[0].lower() == "false"
+
+
+def kept(output: dict, max_bytes: int) -> bool:
+    "Whether an output is worth keeping in the source notebook."
+    if output.get("output_type") == "stream" and output.get("name") == "stderr": return False
+    if WIDGET in output.get("data", {}): return False
+    return len(json.dumps(output)) <= max_bytes
+
+
+def execute_chapter(path: Path, max_bytes: int) -> tuple[int, int]:
+    "Run the chapter at `path` and write it back with its small outputs; returns (cells with output, outputs dropped)."
+    nb = NBProcessor(path, process=True).nb
+    shell = CaptureShell(path)
+    cwd = os.getcwd()
+    os.chdir(path.parent)
+    try: shell.run_all(nb, exc_stop=True, preproc=skipped)
+    finally: os.chdir(cwd)
+    source = read_nb(path)                  # the file as saved, without the directives nbdev parsed out
+    with_output = dropped = 0
+    for cell, ran in zip(source.cells, nb.cells):
+        if cell.cell_type != "code": continue
+        outputs = [o for o in ran.get("outputs", [])]
+        small = [o for o in outputs if kept(o, max_bytes)]
+        dropped += len(outputs) - len(small)
+        cell["outputs"], cell["execution_count"] = small, None
+        with_output += bool(small)
+    write_nb(source, path)
+    return with_output, dropped
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("notebooks", nargs="*", type=Path, help="chapters to execute (default: every nbs/NN_*.ipynb)")
+    parser.add_argument("--max-kb", type=int, default=MAX_KB, help="drop any single output larger than this")
+    args = parser.parse_args(argv)
+    root = Path(__file__).resolve().parent.parent
+    paths = args.notebooks or sorted((root / "nbs").glob(CHAPTERS))
+    os.environ.setdefault("IN_TEST", "1"); os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    failed = []
+    for path in paths:
+        start = time.time()
+        try: n, dropped = execute_chapter(path.resolve(), args.max_kb * 1024)
+        except Exception as e:
+            failed.append(path); print(f"{path}: FAILED ({type(e).__name__}: {str(e)[:300]}); file left as it was"); continue
+        print(f"{path}: {n} cells with output, {dropped} outputs dropped, {time.time() - start:.0f} s", flush=True)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
