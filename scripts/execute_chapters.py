@@ -29,6 +29,12 @@ def kept(output: dict, max_bytes: int) -> bool:
     return len(json.dumps(output)) <= max_bytes
 
 
+def describe(output: dict) -> str:
+    "What an output is, in a few words, for the log of what was dropped."
+    kinds = output.get("name") or ", ".join(output.get("data", {})) or output.get("output_type")
+    return f"{output.get('output_type')} ({kinds}), {len(json.dumps(output)) / 1024:.0f} KB"
+
+
 def execute_chapter(path: Path, max_bytes: int) -> tuple[int, int]:
     "Run the chapter at `path` and write it back with its small outputs; returns (cells with output, outputs dropped)."
     nb = NBProcessor(path, process=True).nb
@@ -43,6 +49,8 @@ def execute_chapter(path: Path, max_bytes: int) -> tuple[int, int]:
         if cell.cell_type != "code": continue
         outputs = [o for o in ran.get("outputs", [])]
         small = [o for o in outputs if kept(o, max_bytes)]
+        for o in outputs:
+            if not kept(o, max_bytes): print(f"  dropped: {describe(o)}")
         dropped += len(outputs) - len(small)
         cell["outputs"], cell["execution_count"] = small, None
         with_output += bool(small)
