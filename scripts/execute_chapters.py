@@ -2,9 +2,11 @@
 on GitHub as they read in Jupyter. `make chapters` runs every chapter; `python scripts/execute_chapters.py
 nbs/06_graph.ipynb` one. Cells run as `nbdev_test --flags slow` runs them (same shell, same folder); an error stops
 that chapter and leaves its file as it was. Noise is not kept: stderr (warnings, progress bars), progress widgets,
-and any output over `--max-kb` (a figure that large belongs in a run's report, not in the source)."""
-import argparse, json, os, sys, time
+and any output still over `--max-kb` after figures are re-encoded with 256 colours (and scaled down if need be)."""
+import argparse, base64, io, json, os, sys, time
 from pathlib import Path
+
+from PIL import Image
 
 from execnb.nbio import read_nb, write_nb
 from execnb.shell import CaptureShell
@@ -20,6 +22,21 @@ def skipped(cell) -> bool:
     if cell.cell_type != "code" or "nbdev_export" + "(" in cell.source: return True
     directives = getattr(cell, "directives_", {}) or {}
     return directives.get("eval:", [""])[0].lower() == "false"
+
+
+def shrink_png(output: dict, max_bytes: int) -> dict:
+    """A figure over `max_bytes`, re-encoded with 256 colours (matplotlib's plots lose nothing visible) and, if it is
+    still too large, scaled down by quarters until it fits (at most three times); other outputs as they are."""
+    png = output.get("data", {}).get("image/png")
+    if png is None or len(json.dumps(output)) <= max_bytes: return output
+    image = Image.open(io.BytesIO(base64.b64decode(png))).convert("RGB")
+    for _ in range(4):
+        buffer = io.BytesIO()
+        image.quantize(256).save(buffer, format="PNG", optimize=True)
+        data = base64.b64encode(buffer.getvalue()).decode()
+        if len(data) <= 0.9 * max_bytes: break
+        image = image.resize((image.width * 3 // 4, image.height * 3 // 4), Image.LANCZOS)
+    return {**output, "data": {**output["data"], "image/png": data}}
 
 
 def kept(output: dict, max_bytes: int) -> bool:
@@ -47,7 +64,7 @@ def execute_chapter(path: Path, max_bytes: int) -> tuple[int, int]:
     with_output = dropped = 0
     for cell, ran in zip(source.cells, nb.cells):
         if cell.cell_type != "code": continue
-        outputs = [o for o in ran.get("outputs", [])]
+        outputs = [shrink_png(o, max_bytes) for o in ran.get("outputs", [])]
         small = [o for o in outputs if kept(o, max_bytes)]
         for o in outputs:
             if not kept(o, max_bytes): print(f"  dropped: {describe(o)}")

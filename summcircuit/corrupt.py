@@ -28,15 +28,21 @@ __all__ = ['SALIENCE_METHODS', 'FILLER', 'CORRUPTIONS', 'rouge2_recall', 'select
 # %% ../nbs/04_corrupt.ipynb #2cc27b67
 _ROUGE2 = rouge_scorer.RougeScorer(["rouge2"], use_stemmer=True)
 
-def rouge2_recall(sentences: Sequence[str], summary: str) -> list[float]:
+def rouge2_recall(sentences: Sequence[str],  # the source sentences
+                  summary: str,              # the reference summary
+                 ) -> list[float]:
     "ROUGE-2 recall of each sentence against `summary` (share of the summary's bigrams the sentence contains)."
     return [_ROUGE2.score(summary, s)["rouge2"].recall for s in sentences]
 
 # %% ../nbs/04_corrupt.ipynb #6b504d65
 SALIENCE_METHODS = ("auto", "highlights", "rouge_topk", "rouge_threshold")
 
-def select_salient(example: SummaryExample, n_sentences: int | None = None, method: str = "auto", k: int = 2,
-                   threshold: float = 0.1) -> list[int]:
+def select_salient(example: SummaryExample,         # the document, with its summary and highlights (if any)
+                   n_sentences: int | None = None,  # choose among the first this many (the prompt's; None: all)
+                   method: str = "auto",            # one of `SALIENCE_METHODS`
+                   k: int = 2,                      # at most this many sentences (`rouge_topk`)
+                   threshold: float = 0.1,          # least ROUGE-2 recall of a salient sentence (`rouge_threshold`)
+                  ) -> list[int]:
     "Indices (sorted) of the salient sentences among the first `n_sentences` of `example`."
     if method not in SALIENCE_METHODS:
         raise ValueError(f"Unknown salience method {method!r}: use one of {SALIENCE_METHODS}.")
@@ -56,7 +62,9 @@ def select_salient(example: SummaryExample, n_sentences: int | None = None, meth
 # %% ../nbs/04_corrupt.ipynb #639428d7
 FILLER = "_"
 
-def filler_token_id(tokenizer: PreTrainedTokenizerBase, filler: str = FILLER) -> int:
+def filler_token_id(tokenizer: PreTrainedTokenizerBase,  # the model's tokenizer
+                    filler: str = FILLER,                # the text that must encode to one token
+                   ) -> int:
     "The id of `filler`, which must encode to exactly one token."
     ids = tokenizer(filler, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
@@ -79,7 +87,10 @@ class CorruptedPair:
         return [t for i in self.salient for t in range(*self.clean.sentence_spans[i])]
 
 # %% ../nbs/04_corrupt.ipynb #3a72c0dc
-def check_pair(clean: Prompt, corrupted: Prompt, salient: Sequence[int]) -> None:
+def check_pair(clean: Prompt,           # the clean prompt
+               corrupted: Prompt,       # its corrupted copy
+               salient: Sequence[int],  # indices of the sentences that may differ
+              ) -> None:
     "Raise `AssertionError` unless `corrupted` aligns with `clean` and differs only inside the `salient` sentences."
     problems = []
     if len(clean) != len(corrupted): problems.append(f"lengths differ ({len(clean)} vs {len(corrupted)})")
@@ -94,7 +105,10 @@ def check_pair(clean: Prompt, corrupted: Prompt, salient: Sequence[int]) -> None
                              + "; ".join(problems) + ". Corrupt only through summcircuit.corrupt, which keeps token counts.")
 
 # %% ../nbs/04_corrupt.ipynb #81ad7f3c
-def mask_sentences(prompt: Prompt, salient: Sequence[int], filler_id: int) -> Prompt:
+def mask_sentences(prompt: Prompt,          # the clean prompt
+                   salient: Sequence[int],  # indices of the sentences to mask
+                   filler_id: int,          # the filler's token id (`filler_token_id`)
+                  ) -> Prompt:
     "`prompt` with every token of the `salient` sentences replaced by `filler_id` (token count kept)."
     ids = list(prompt.input_ids)
     for i in salient:
@@ -103,8 +117,12 @@ def mask_sentences(prompt: Prompt, salient: Sequence[int], filler_id: int) -> Pr
     return replace(prompt, input_ids=ids)
 
 # %% ../nbs/04_corrupt.ipynb #f1f26447
-def donor_tokens(donor: SummaryExample, tokenizer: PreTrainedTokenizerBase, n_tokens: int, start_sentence: int,
-                 filler_id: int) -> list[int]:
+def donor_tokens(donor: SummaryExample,               # the document the tokens come from
+                 tokenizer: PreTrainedTokenizerBase,  # the model's tokenizer
+                 n_tokens: int,                       # how many tokens to return
+                 start_sentence: int,                 # index of the donor sentence to start at
+                 filler_id: int,                      # pads the span when the donor runs out of text
+                ) -> list[int]:
     "Exactly `n_tokens` tokens of `donor`'s sentences from `start_sentence` on, cut or padded with `filler_id`."
     out: list[int] = []
     for sent in donor.source_sentences[start_sentence:]:
@@ -113,8 +131,13 @@ def donor_tokens(donor: SummaryExample, tokenizer: PreTrainedTokenizerBase, n_to
     return (out + [filler_id] * n_tokens)[:n_tokens]
 
 # %% ../nbs/04_corrupt.ipynb #7721ed13
-def swap_sentences(prompt: Prompt, salient: Sequence[int], donor: SummaryExample, tokenizer: PreTrainedTokenizerBase,
-                   filler_id: int, rng: random.Random) -> Prompt:
+def swap_sentences(prompt: Prompt,                      # the clean prompt
+                   salient: Sequence[int],              # indices of the sentences to replace
+                   donor: SummaryExample,               # another document, the source of the replacement text
+                   tokenizer: PreTrainedTokenizerBase,  # the model's tokenizer
+                   filler_id: int,                      # pads a span when the donor runs out of text
+                   rng: random.Random,                  # draws each span's first donor sentence
+                  ) -> Prompt:
     "`prompt` with each `salient` sentence replaced by a token-length-matched span of `donor`'s sentences."
     ids = list(prompt.input_ids)
     for i in salient:
@@ -128,7 +151,9 @@ def _separator_ids(prompt: Prompt) -> set[int]:
     return set(prompt.input_ids[prompt.sentence_spans[-1][1]:prompt.summary_start])
 
 # %% ../nbs/04_corrupt.ipynb #f99d4eb9
-def copy_positions(prompt: Prompt, salient: Sequence[int]) -> list[int]:
+def copy_positions(prompt: Prompt,          # a tokenized prompt with its summary
+                   salient: Sequence[int],  # indices of the salient sentences
+                  ) -> list[int]:
     "Summary positions (final token excluded) whose token occurs in a `salient` sentence, in no other kept sentence, not in the separator."
     ids, spans = prompt.input_ids, prompt.sentence_spans
     in_salient = {t for i in salient for t in ids[slice(*spans[i])]}
@@ -137,8 +162,11 @@ def copy_positions(prompt: Prompt, salient: Sequence[int]) -> list[int]:
     return [t for t in range(prompt.summary_start, len(prompt) - 1) if ids[t] in only_salient]
 
 # %% ../nbs/04_corrupt.ipynb #b428a03d
-def counterfactual_map(prompt: Prompt, salient: Sequence[int], positions: Sequence[int],
-                       fallback_ids: Sequence[int] = ()) -> dict[int, int]:
+def counterfactual_map(prompt: Prompt,                    # the clean prompt
+                       salient: Sequence[int],            # indices of the salient sentences
+                       positions: Sequence[int],          # copy positions (`copy_positions`): their ids get one
+                       fallback_ids: Sequence[int] = (),  # used when the other sentences have none (donor, filler)
+                      ) -> dict[int, int]:
     "A replacement token id for each token id copied at `positions`, from the document's other sentences (else `fallback_ids`)."
     ids, spans = prompt.input_ids, prompt.sentence_spans
     copied = sorted({ids[t] for t in positions})
@@ -154,7 +182,10 @@ def counterfactual_map(prompt: Prompt, salient: Sequence[int], positions: Sequen
     return dict(zip(copied, picks))
 
 # %% ../nbs/04_corrupt.ipynb #cb53b97c
-def counterfactual_sentences(prompt: Prompt, salient: Sequence[int], replacement: dict[int, int]) -> Prompt:
+def counterfactual_sentences(prompt: Prompt,               # the clean prompt
+                             salient: Sequence[int],       # indices of the sentences to rewrite
+                             replacement: dict[int, int],  # token id -> counterfactual id (`counterfactual_map`)
+                            ) -> Prompt:
     "`prompt` with each token of the `salient` sentences that `replacement` maps replaced by its counterfactual."
     ids = list(prompt.input_ids)
     for i in salient:
@@ -170,10 +201,18 @@ def _tokens(example: SummaryExample, tokenizer: PreTrainedTokenizerBase) -> list
     return [t for s in example.source_sentences for t in tokenizer(" " + s, add_special_tokens=False)["input_ids"]]
 
 # %% ../nbs/04_corrupt.ipynb #5bbc9af1
-def make_pair(example: SummaryExample, tokenizer: PreTrainedTokenizerBase, variant: str = "swap",
-              salience: str = "auto", k: int = 2, threshold: float = 0.1, donor: SummaryExample | None = None,
-              max_source_tokens: int = 512, max_length: int | None = None, filler: str = FILLER,
-              rng: random.Random | None = None) -> CorruptedPair:
+def make_pair(example: SummaryExample,              # the document, with its reference summary
+              tokenizer: PreTrainedTokenizerBase,   # the model's tokenizer
+              variant: str = "swap",                # one of `CORRUPTIONS`
+              salience: str = "auto",               # how salient sentences are chosen (`SALIENCE_METHODS`)
+              k: int = 2,                           # at most this many salient sentences
+              threshold: float = 0.1,               # least salience a sentence needs (`rouge_threshold`)
+              donor: SummaryExample | None = None,  # another document: `swap`'s text, `counterfactual`'s fallback tokens
+              max_source_tokens: int = 512,         # source budget, whole sentences
+              max_length: int | None = None,        # the model's context (refuse longer prompts)
+              filler: str = FILLER,                 # the `mask` corruption's filler
+              rng: random.Random | None = None,     # draws `swap`'s donor sentences (None: seeded with 0)
+             ) -> CorruptedPair:
     "A checked clean/corrupted pair of `example`: salient sentences swapped with `donor`'s, masked with `filler`, or counterfactual."
     if variant not in CORRUPTIONS: raise ValueError(f"Unknown corruption {variant!r}: use one of {CORRUPTIONS}.")
     if variant == "swap" and (donor is None or donor.id == example.id):
@@ -208,7 +247,7 @@ def build_pairs(examples: Sequence[SummaryExample],    # the documents, with the
                 tokenizer: PreTrainedTokenizerBase,       # the model's
                 variant: str = "swap",                    # one of `CORRUPTIONS`
                 *,
-                salience: str = "auto",                   # how salient sentences are chosen (`SALIENCE`)
+                salience: str = "auto",                   # how salient sentences are chosen (`SALIENCE_METHODS`)
                 k: int = 2,                               # at most this many salient sentences
                 threshold: float = 0.1,                   # least salience a sentence needs
                 max_source_tokens: int = 512,             # source budget, whole sentences
@@ -237,7 +276,9 @@ def _prompt_pair(pair) -> tuple:
     return (pair.clean, pair.corrupted) if hasattr(pair, "clean") else tuple(pair)
 
 # %% ../nbs/04_corrupt.ipynb #abc54098
-def pair_batch(pairs: Sequence[CorruptedPair], pad_id: int) -> tuple[Batch, Batch]:
+def pair_batch(pairs: Sequence[CorruptedPair],  # `CorruptedPair`s or `(clean, corrupted)` prompt tuples
+               pad_id: int,                     # the tokenizer's pad id
+              ) -> tuple[Batch, Batch]:
     "Aligned clean and corrupted batches of `pairs` (same shape, padding and summary tokens)."
     items = [_prompt_pair(p) for p in pairs]
     clean = collate([c for c, _ in items], pad_id)
@@ -246,7 +287,10 @@ def pair_batch(pairs: Sequence[CorruptedPair], pad_id: int) -> tuple[Batch, Batc
     return clean, corrupted
 
 # %% ../nbs/04_corrupt.ipynb #066e358a
-def pair_batches(pairs: Sequence, pad_id: int, batch_size: int = 4) -> list[tuple[Batch, Batch]]:
+def pair_batches(pairs: Sequence,      # `CorruptedPair`s, `(Prompt, Prompt)` or `(Batch, Batch)` tuples
+                 pad_id: int,          # the tokenizer's pad id
+                 batch_size: int = 4,  # pairs per batch
+                ) -> list[tuple[Batch, Batch]]:
     """`pairs` in aligned clean/corrupted batches of `batch_size`: `CorruptedPair`s, `(Prompt, Prompt)` tuples,
     or `(Batch, Batch)` tuples, which are checked and passed through as they are."""
     if batch_size < 1: raise ValueError(f"batch_size={batch_size}: use at least 1.")
@@ -258,7 +302,9 @@ def pair_batches(pairs: Sequence, pad_id: int, batch_size: int = 4) -> list[tupl
     return [pair_batch(items[i:i + batch_size], pad_id) for i in range(0, len(items), batch_size)]
 
 # %% ../nbs/04_corrupt.ipynb #dc4a65ee
-def save_pairs(path: str | Path, pairs: Sequence[CorruptedPair]) -> Path:
+def save_pairs(path: str | Path,                # the JSON file to write
+               pairs: Sequence[CorruptedPair],  # the pairs (`build_pairs`)
+              ) -> Path:
     "Write `pairs` as JSON, atomically."
     return save_json(path, list(pairs))
 
@@ -284,8 +330,12 @@ def _rows(batch: Batch, rows: list[int]) -> Batch:
 
 # %% ../nbs/04_corrupt.ipynb #42896984
 @torch.no_grad()
-def pair_metric_table(lm: LoadedModel, pairs: Sequence[CorruptedPair], metrics: Sequence[str] = ("summary_logprob",),
-                      batch_size: int = 4, progress: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def pair_metric_table(lm: LoadedModel,                                # the model (`load_model`)
+                      pairs: Sequence[CorruptedPair],                 # the pairs (`build_pairs`)
+                      metrics: Sequence[str] = ("summary_logprob",),  # names in `summcircuit.metrics.METRICS`
+                      batch_size: int = 4,                            # pairs per forward pass
+                      progress: bool = True,                          # a progress bar over the batches
+                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     "Each of `metrics` on the clean and the corrupted prompts of `pairs` (`[n_pairs]` each); copy metrics NaN without copy positions."
     out = {m: ([], []) for m in metrics}
     for c, k in tqdm(pair_batches(pairs, lm.tokenizer.pad_token_id, batch_size), desc="metrics", disable=not progress):
@@ -304,8 +354,12 @@ def pair_metric_table(lm: LoadedModel, pairs: Sequence[CorruptedPair], metrics: 
     return {m: (torch.cat(cl), torch.cat(co)) for m, (cl, co) in out.items()}
 
 # %% ../nbs/04_corrupt.ipynb #a5e8e7d0
-def pair_metrics(lm: LoadedModel, pairs: Sequence[CorruptedPair], batch_size: int = 4,
-                 progress: bool = True, metric: str = "summary_logprob") -> tuple[torch.Tensor, torch.Tensor]:
+def pair_metrics(lm: LoadedModel,                  # the model (`load_model`)
+                 pairs: Sequence[CorruptedPair],   # the pairs (`build_pairs`)
+                 batch_size: int = 4,              # pairs per forward pass
+                 progress: bool = True,            # a progress bar over the batches
+                 metric: str = "summary_logprob",  # a name in `METRICS`; copy metrics need copy positions on every pair
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     "`metric` (default: the task metric) on the clean and on the corrupted prompts of `pairs`, `[n_pairs]` each."
     if reads_copy(metric):
         if missing := [p.clean.example_id for p in pairs if not p.clean.copy_positions]:

@@ -40,7 +40,9 @@ class RougeConfig:
         return cls(n_eval=500, max_new_tokens=100)
 
 # %% ../nbs/03b_evaluate.ipynb #8e6f0992
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(sequences: Sequence[Sequence[int]],  # token id lists, one per prompt, of any lengths
+             pad_id: int,                         # the id written left of the shorter sequences
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     "Left-pad token id lists into `input_ids` and `attention_mask` `[batch, longest]`."
     T = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
@@ -64,14 +66,26 @@ def clean_summary(text: str) -> str:
 # %% ../nbs/03b_evaluate.ipynb #98aed29b
 class FirstLineStop(StoppingCriteria):
     "Stops each sequence once its continuation (after `prompt_len`) has a newline after some non-blank text."
-    def __init__(self, tokenizer, prompt_len: int): self.tokenizer, self.prompt_len = tokenizer, prompt_len
-    def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
+    def __init__(self,
+                 tokenizer,          # decodes the generated tokens
+                 prompt_len: int,    # columns of the left-padded prompts; the continuation starts after them
+                ): self.tokenizer, self.prompt_len = tokenizer, prompt_len
+    def __call__(self,
+                 input_ids: torch.Tensor,   # prompts and the tokens generated so far `[batch, columns]`
+                 scores=None,               # unused (the `StoppingCriteria` signature)
+                 **kwargs,                  # unused
+                ) -> torch.Tensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
         return torch.tensor(["\n" in t.lstrip() for t in texts], device=input_ids.device)
 
 # %% ../nbs/03b_evaluate.ipynb #7fe9008d
-def generate_summaries(lm: LoadedModel, examples: Sequence[SummaryExample], max_source_tokens: int = 160,
-                       max_new_tokens: int = 48, batch_size: int = 8, progress: bool = True) -> list[str]:
+def generate_summaries(lm: LoadedModel,                     # the model that summarizes
+                       examples: Sequence[SummaryExample],  # the documents (their summaries are not read)
+                       max_source_tokens: int = 160,        # source budget, whole sentences (as in training)
+                       max_new_tokens: int = 48,            # the longest summary, in tokens
+                       batch_size: int = 8,                 # documents generated together
+                       progress: bool = True,               # a progress bar over the batches
+                      ) -> list[str]:
     "Greedy summaries of `examples` (batched, left-padded): the first non-empty line, ended by end-of-text or newline."
     if not examples: raise ValueError("No documents to summarize: pass at least one example.")
     tok, hf = lm.tokenizer, lm.hf
@@ -99,7 +113,9 @@ def generate_summaries(lm: LoadedModel, examples: Sequence[SummaryExample], max_
 # %% ../nbs/03b_evaluate.ipynb #a14761b2
 ROUGE_METRICS = ("rouge1", "rouge2", "rougeL")
 
-def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, np.ndarray]:
+def rouge_scores(predictions: Sequence[str],  # generated summaries, one per reference
+                 references: Sequence[str],   # the reference summaries
+                ) -> dict[str, np.ndarray]:
     "Per-document ROUGE-1/2/L F1 (`rouge-score`, Porter stemming) of `predictions` against `references`."
     from rouge_score import rouge_scorer
     if len(predictions) != len(references):
@@ -122,8 +138,14 @@ class Interval:
     def excludes_zero(self) -> bool: return self.low > 0 or self.high < 0
 
 # %% ../nbs/03b_evaluate.ipynb #9fc03434
-def bootstrap(data: tuple[np.ndarray, ...], statistic, confidence: float = 0.95, n_resamples: int = 10_000,
-              seed: int = 0, method: str = "percentile", unit: str = "documents"):
+def bootstrap(data: tuple[np.ndarray, ...],  # samples of equal length, resampled jointly (paired)
+              statistic,                     # vectorized `statistic(*samples, axis)`
+              confidence: float = 0.95,      # confidence level of the interval (0.95: 95%)
+              n_resamples: int = 10_000,     # bootstrap resamples
+              seed: int = 0,                 # seed of the resampling generator
+              method: str = "percentile",    # `scipy.stats.bootstrap`'s method: 'percentile', 'basic' or 'BCa'
+              unit: str = "documents",       # what the samples count, for the error message
+             ):
     """`scipy.stats.bootstrap` as every interval of this project takes it: the samples in `data` resampled jointly
     (paired), a vectorized `statistic(*samples, axis)`, a seeded generator; a clear error below 2 `unit`s."""
     n = len(data[0])
@@ -132,16 +154,25 @@ def bootstrap(data: tuple[np.ndarray, ...], statistic, confidence: float = 0.95,
                            confidence_level=confidence, method=method, rng=np.random.default_rng(seed))
 
 # %% ../nbs/03b_evaluate.ipynb #c6f67ba2
-def bootstrap_ci(scores: Sequence[float], confidence: float = 0.95, n_resamples: int = 10_000, seed: int = 0,
-                 method: str = "percentile") -> Interval:
+def bootstrap_ci(scores: Sequence[float],     # per-document scores
+                 confidence: float = 0.95,    # confidence level of the interval (0.95: 95%)
+                 n_resamples: int = 10_000,   # bootstrap resamples
+                 seed: int = 0,               # seed of the resampling generator
+                 method: str = "percentile",  # `scipy.stats.bootstrap`'s method: 'percentile', 'basic' or 'BCa'
+                ) -> Interval:
     "Mean of `scores` with a bootstrap confidence interval over documents."
     x = np.asarray(scores, dtype=float)
     res = bootstrap((x,), lambda a, axis: a.mean(axis), confidence, n_resamples, seed, method)
     return Interval(float(x.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high), confidence)
 
 # %% ../nbs/03b_evaluate.ipynb #8db376ec
-def paired_difference_ci(a: Sequence[float], b: Sequence[float], confidence: float = 0.95, n_resamples: int = 10_000,
-                         seed: int = 0, method: str = "percentile") -> Interval:
+def paired_difference_ci(a: Sequence[float],          # per-document scores of one system
+                         b: Sequence[float],          # the other system's, same documents, same order
+                         confidence: float = 0.95,    # confidence level of the interval (0.95: 95%)
+                         n_resamples: int = 10_000,   # bootstrap resamples
+                         seed: int = 0,               # seed of the resampling generator
+                         method: str = "percentile",  # `scipy.stats.bootstrap`'s method: 'percentile', 'basic' or 'BCa'
+                        ) -> Interval:
     "mean(a) - mean(b) over the same documents, with a paired bootstrap interval (documents resampled jointly)."
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.shape != b.shape:
@@ -167,7 +198,9 @@ class RougeResult:
         return cls(d["ids"], d["predictions"], d["references"], {m: np.asarray(v) for m, v in d["scores"].items()})
 
 # %% ../nbs/03b_evaluate.ipynb #93ea0897
-def score_predictions(examples: Sequence[SummaryExample], predictions: Sequence[str]) -> RougeResult:
+def score_predictions(examples: Sequence[SummaryExample],  # the documents, with their reference summaries
+                      predictions: Sequence[str],          # one generated summary per document
+                     ) -> RougeResult:
     "Score `predictions` of `examples` against their reference summaries."
     refs = [e.summary for e in examples]
     return RougeResult([e.id for e in examples], list(predictions), refs, rouge_scores(predictions, refs))
@@ -178,7 +211,7 @@ def evaluate_rouge(lm: LoadedModel,                     # the model that summari
                    max_source_tokens: int = 160,          # the source budget it was trained with
                    max_new_tokens: int = 48,              # the longest summary
                    batch_size: int = 8,                   # documents generated together
-                   progress: bool = True,
+                   progress: bool = True,                 # a progress bar over the generation batches
                   ) -> RougeResult:
     "Generate summaries of `examples` with `lm` and score them with ROUGE-1/2/L F1."
     check_finite_weights(lm, "ROUGE evaluation")
@@ -186,18 +219,28 @@ def evaluate_rouge(lm: LoadedModel,                     # the model that summari
     return score_predictions(examples, preds)
 
 # %% ../nbs/03b_evaluate.ipynb #336254c0
-def rouge_artifact_name(step: int, examples: Sequence[SummaryExample], max_source_tokens: int, max_new_tokens: int) -> str:
+def rouge_artifact_name(step: int,                           # the checkpoint's optimizer step
+                        examples: Sequence[SummaryExample],  # the documents evaluated
+                        max_source_tokens: int,              # source budget of generation
+                        max_new_tokens: int,                 # the longest summary, in tokens
+                       ) -> str:
     "File name of a checkpoint's saved `RougeResult`: the step and a hash of the documents and generation settings."
     return f"rouge_step{step}_{content_hash([e.id for e in examples], max_source_tokens, max_new_tokens)}.json"
 
 # %% ../nbs/03b_evaluate.ipynb #02b20adb
-def lead_summaries(examples: Sequence[SummaryExample], k: int = 1) -> list[str]:
+def lead_summaries(examples: Sequence[SummaryExample],  # the documents
+                   k: int = 1,                          # leading source sentences per summary
+                  ) -> list[str]:
     "The extractive lead baseline: the first `k` source sentences."
     return [" ".join(e.source_sentences[:k]) for e in examples]
 
 # %% ../nbs/03b_evaluate.ipynb #d2c3474c
-def rouge_table(systems: dict[str, RougeResult], baseline: str | None = None, confidence: float = 0.95,
-                n_resamples: int = 10_000, seed: int = 0):
+def rouge_table(systems: dict[str, RougeResult],  # a `RougeResult` per system name, all on the same documents
+                baseline: str | None = None,      # the system the others are compared with (None: no differences)
+                confidence: float = 0.95,         # confidence level of the interval (0.95: 95%)
+                n_resamples: int = 10_000,        # bootstrap resamples
+                seed: int = 0,                    # seed of the resampling generator
+               ):
     "One row per system: mean ROUGE-1/2/L F1 with intervals, and the paired difference to `baseline`."
     import pandas as pd
     if baseline is not None and baseline not in systems:
@@ -219,7 +262,9 @@ def rouge_table(systems: dict[str, RougeResult], baseline: str | None = None, co
     return pd.DataFrame(rows).set_index("system")
 
 # %% ../nbs/03b_evaluate.ipynb #26aad206
-def format_rouge_table(table, scale: float = 100.0):
+def format_rouge_table(table,                 # `rouge_table`'s result
+                       scale: float = 100.0,  # factor of every score (100: ROUGE points)
+                      ):
     "A readable version of `rouge_table`: 'mean [low, high]' in ROUGE points, differences signed."
     import pandas as pd
     out = pd.DataFrame(index=table.index)
@@ -234,7 +279,10 @@ def format_rouge_table(table, scale: float = 100.0):
     return out
 
 # %% ../nbs/03b_evaluate.ipynb #8b0a5e4d
-def plot_rouge(table, title: str = "", ax=None):
+def plot_rouge(table,            # `rouge_table`'s result
+               title: str = "",  # the figure's title (default: a generic one)
+               ax=None,          # matplotlib axes to draw on (None: a new figure)
+              ):
     "Bar chart of ROUGE-1/2/L F1 per system with the confidence intervals as error bars (on `ax`, or a new figure)."
     import matplotlib.pyplot as plt
     if ax is None: _, ax = plt.subplots(figsize=(max(4, 1.2 * len(table) + 2), 3.5))

@@ -55,8 +55,12 @@ class TrainingConfig:
         return max(1, math.ceil(self.epochs * per_epoch))
 
 # %% ../nbs/03_finetune.ipynb #722fde8f
-def training_prompts(examples: Sequence[SummaryExample], tokenizer, spec: ArchSpec, max_source_tokens: int,
-                     split: str = "train") -> list[Prompt]:
+def training_prompts(examples: Sequence[SummaryExample],  # the documents, with their reference summaries
+                     tokenizer,                           # the model's tokenizer
+                     spec: ArchSpec,                      # the model's `ArchSpec` (its context `n_ctx`)
+                     max_source_tokens: int,              # source budget, whole sentences
+                     split: str = "train",                # the split's name, for the error messages
+                    ) -> list[Prompt]:
     "Prompts (source + separator + summary + end-of-text) of `examples`, checked against the model's context."
     if not examples:
         raise ValueError(f"The {split} split is empty: load at least one document (check the data set, split "
@@ -92,9 +96,19 @@ class OptimizerSettings(Protocol):
     max_grad_norm: float
 
 # %% ../nbs/03_finetune.ipynb #30673836
-def training_arguments(cfg: OptimizerSettings, output_dir: str | Path, *, max_steps: int, learning_rate: float,
-                       batch_size: int, eval_steps: int, save_steps: int | None, seed: int = 0,
-                       device: torch.device | str = "cpu", progress: bool = True, **overrides) -> TrainingArguments:
+def training_arguments(cfg: OptimizerSettings,              # `TrainingConfig`/`BakeoffConfig`: decay, warm-up, clipping
+                       output_dir: str | Path,              # the Trainer's folder (its checkpoints)
+                       *,
+                       max_steps: int,                      # optimizer steps
+                       learning_rate: float,                # AdamW's peak learning rate
+                       batch_size: int,                     # per device (process)
+                       eval_steps: int,                     # steps between evaluations
+                       save_steps: int | None,              # steps between checkpoints (None: no checkpoints)
+                       seed: int = 0,                       # seeds the Trainer and its data order
+                       device: torch.device | str = "cpu",  # where the model is: 'cpu' keeps the Trainer on the CPU
+                       progress: bool = True,               # tqdm progress bars
+                       **overrides,                         # any other `TrainingArguments` field, winning over these
+                      ) -> TrainingArguments:
     "HF `TrainingArguments`: AdamW with weight decay, linear warm-up and decay, loss logged every step."
     kwargs = dict(
         output_dir=str(output_dir), max_steps=max_steps, learning_rate=learning_rate, optim="adamw_torch",
@@ -173,7 +187,11 @@ class CheckpointIndex(TrainerCallback):
     "Trainer callback: append each saved checkpoint to `checkpoints.json`; keep optimizer state in the latest only."
     def __init__(self, folder: Path): self.folder = Path(folder)
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args,  # the Trainer's `TrainingArguments` (unused)
+                state,       # the Trainer's state: step, log history, whether this is process 0
+                control,     # the Trainer's flags, returned unchanged
+                **kwargs,    # unused
+               ):
         if not state.is_world_process_zero: return control       # one writer under data parallelism
         step = state.global_step
         entries = [e for e in load_json(self.folder / INDEX_NAME) if e["step"] < step]
@@ -197,12 +215,22 @@ class StopOnNonFinite(TrainerCallback):
         self.bad = self.bad or (step, what)
         control.should_training_stop, control.should_save, control.should_evaluate = True, False, False
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
+    def on_step_end(self, args,  # the Trainer's `TrainingArguments` (unused)
+                    state,       # the Trainer's state (its step)
+                    control,     # the Trainer's flags: set to stop, without saving or evaluating
+                    model=None,  # checked for non-finite weights when a checkpoint is due
+                    **kwargs,    # unused
+                   ):
         if control.should_save and model is not None and not all(torch.isfinite(p).all() for p in model.parameters()):
             self._stop(control, state.global_step, "non-finite weights")
         return control
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(self, args,  # the Trainer's `TrainingArguments` (unused)
+               state,       # the Trainer's state (its step)
+               control,     # the Trainer's flags: set to stop, without saving or evaluating
+               logs=None,   # the values just logged; a non-finite 'loss' stops training
+               **kwargs,    # unused
+              ):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(loss): self._stop(control, state.global_step, f"training loss {loss}")
         return control
@@ -240,15 +268,24 @@ def process_device(device: str) -> str:
         return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     return device
 
+# %% ../nbs/03_finetune.ipynb #f05d70e4
+def _log_history(folder: Path, last: Checkpoint) -> list[dict]:
+    "The Trainer log history of a finished run (saved beside the index, else from the last checkpoint)."
+    for p in (folder / "log_history.json", Path(last.path) / "trainer_state.json"):
+        if p.exists():
+            data = load_json(p)
+            return data["log_history"] if isinstance(data, dict) else data
+    return []
+
 # %% ../nbs/03_finetune.ipynb #e8088f01
 def finetune(lm: LoadedModel,                               # trained in place
-             train_examples: Sequence[SummaryExample],
+             train_examples: Sequence[SummaryExample],      # the training documents, with their summaries
              val_examples: Sequence[SummaryExample],        # the validation loss at every checkpoint
              folder: str | Path,                            # checkpoints and `checkpoints.json`; a rerun resumes here
              cfg: TrainingConfig | None = None,             # default: `TrainingConfig()`
-             seed: int = 0,
+             seed: int = 0,                                 # seeds the data order and the training
              callbacks: Sequence[TrainerCallback] = (),     # more `Trainer` callbacks
-             progress: bool = True,
+             progress: bool = True,                         # progress bars and per-step log lines
             ) -> FinetuneRun:
     "Fully fine-tune `lm` (in place) on `train_examples`, checkpointing into `folder`; resumes an interrupted run."
     cfg = cfg or TrainingConfig()
@@ -316,20 +353,21 @@ def finetune(lm: LoadedModel,                               # trained in place
     if trainer.is_world_process_zero(): save_json(folder / "log_history.json", history)
     return FinetuneRun(folder, done, history)
 
-# %% ../nbs/03_finetune.ipynb #f05d70e4
-def _log_history(folder: Path, last: Checkpoint) -> list[dict]:
-    "The Trainer log history of a finished run (saved beside the index, else from the last checkpoint)."
-    for p in (folder / "log_history.json", Path(last.path) / "trainer_state.json"):
-        if p.exists():
-            data = load_json(p)
-            return data["log_history"] if isinstance(data, dict) else data
-    return []
-
 # %% ../nbs/03_finetune.ipynb #dbb1b940
-def finetune_stage(run_name: str | None, model: str, dataset: str, aspect: str = "outcome",
-                   n_examples: int | None = None, device: str = "auto", seed: int = 0, *,
-                   base: TrainingConfig | None = None, folder: str | Path | None = None, n_val: int | None = None,
-                   progress: bool = True, **sizes) -> FinetuneRun:
+def finetune_stage(run_name: str | None,                # the run (`runs/<run_name>`); may be None when `folder` is given
+                   model: str,                          # a `load_model` name or folder
+                   dataset: str,                        # `aclsum`, `cnn_dailymail` or `synthetic`
+                   aspect: str = "outcome",             # ACLSum's summary aspect
+                   n_examples: int | None = None,       # training documents (None: `base.n_train`)
+                   device: str = "auto",                # 'auto': this process's GPU under a distributed launch
+                   seed: int = 0,                       # the documents' sample and the training
+                   *,
+                   base: TrainingConfig | None = None,  # the configuration (default `TrainingConfig()`)
+                   folder: str | Path | None = None,    # default `runs/<run_name>/finetune/`
+                   n_val: int | None = None,            # validation documents (None: `base.n_val`)
+                   progress: bool = True,               # progress bars and a one-line summary
+                   **sizes,                             # the other sizes the docstring lists (None keeps the default)
+                  ) -> FinetuneRun:
     """The fine-tuning stage of run `run_name`, into `runs/<run_name>/finetune/` (or `folder`): `base` (default
     `TrainingConfig()`) with `n_examples` training and `n_val` validation documents and the other `sizes` the stage
     takes (`max_steps`, `checkpoint_every`, `learning_rate`, `batch_size`, `max_source_tokens`; None keeps the
@@ -350,7 +388,10 @@ def finetune_stage(run_name: str | None, model: str, dataset: str, aspect: str =
     return finetune(load_model(model, device=device), train_docs, val_docs, folder, cfg, seed=seed, progress=progress)
 
 # %% ../nbs/03_finetune.ipynb #48f2bf92
-def plot_loss_curve(log_history: list[dict], checkpoints: Sequence[Checkpoint] = (), title: str = ""):
+def plot_loss_curve(log_history: list[dict],                 # the Trainer's log history (`FinetuneRun.log_history`)
+                    checkpoints: Sequence[Checkpoint] = (),  # their validation losses are the second curve
+                    title: str = "",                         # the figure's title (default: 'Fine-tuning')
+                   ):
     "Training loss per step and validation loss at each checkpoint (the base model's at step 0)."
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -18,12 +18,17 @@ __all__ = ['Metric', 'METRICS', 'NEEDS_CLEAN', 'READS_COPY', 'summary_logprob', 
            'kl_to_clean', 'get_metric', 'needs_clean', 'reads_copy', 'run_logits', 'run_metric', 'check_finite_metric']
 
 # %% ../nbs/02b_metrics.ipynb #83a181ad
-def summary_logprob(logits: torch.Tensor, batch: Batch, clean_logits: torch.Tensor | None = None) -> torch.Tensor:
+def summary_logprob(logits: torch.Tensor,                      # the run's logits `[batch, pos, vocab]` (or a last window)
+                    batch: Batch,                              # the prompts the logits are of (`summcircuit.data.collate`)
+                    clean_logits: torch.Tensor | None = None,  # unused: the common metric signature
+                   ) -> torch.Tensor:
     "Mean log-probability of the summary tokens per example `[batch]`, teacher forced (`summcircuit.data.summary_logprob`)."
     return _summary_logprob(logits, batch).float()
 
 # %% ../nbs/02b_metrics.ipynb #52911fb2
-def copy_targets(batch: Batch, metric: str = "this metric") -> torch.Tensor:
+def copy_targets(batch: Batch,                  # the prompts, with their copy positions (`batch.copy_mask`)
+                 metric: str = "this metric",   # the metric's name, for the error message
+                ) -> torch.Tensor:
     "`batch.copy_mask` shifted like the logits `[batch, pos-1]`; a `ValueError` naming the examples without copy positions."
     missing = (list(range(len(batch))) if batch.copy_mask is None else
                (~batch.copy_mask[:, 1:].any(-1)).nonzero().flatten().tolist())
@@ -36,7 +41,10 @@ def copy_targets(batch: Batch, metric: str = "this metric") -> torch.Tensor:
     return batch.copy_mask[:, 1:]
 
 # %% ../nbs/02b_metrics.ipynb #bd237013
-def copy_logprob(logits: torch.Tensor, batch: Batch, clean_logits: torch.Tensor | None = None) -> torch.Tensor:
+def copy_logprob(logits: torch.Tensor,                      # the run's logits `[batch, pos, vocab]` (or a last window)
+                 batch: Batch,                              # the prompts, with copy positions on every example
+                 clean_logits: torch.Tensor | None = None,  # unused: the common metric signature
+                ) -> torch.Tensor:
     "Mean log-probability of the copied summary tokens (`batch.copy_mask`) per example `[batch]`, teacher forced."
     rows, pos, at = logit_positions(logits, batch, copy_targets(batch, "copy_logprob"))
     logp = torch.log_softmax(logits[rows, at].float(), dim=-1)
@@ -44,7 +52,10 @@ def copy_logprob(logits: torch.Tensor, batch: Batch, clean_logits: torch.Tensor 
     return per_example_mean(logp.gather(-1, tokens[:, None]).squeeze(-1), rows, len(batch))
 
 # %% ../nbs/02b_metrics.ipynb #dfeb89e8
-def copy_logit_diff(logits: torch.Tensor, batch: Batch, clean_logits: torch.Tensor | None = None) -> torch.Tensor:
+def copy_logit_diff(logits: torch.Tensor,                      # the run's logits `[batch, pos, vocab]` (or a last window)
+                    batch: Batch,                              # the prompts, with copy positions and `counter_ids`
+                    clean_logits: torch.Tensor | None = None,  # unused: the common metric signature
+                   ) -> torch.Tensor:
     "Mean over copy positions of logit[copied token] − logit[its counterfactual in `batch.counter_ids`], per example `[batch]`."
     rows, pos, at = logit_positions(logits, batch, copy_targets(batch, "copy_logit_diff"))
     if batch.counter_ids is None:
@@ -61,7 +72,10 @@ def copy_logit_diff(logits: torch.Tensor, batch: Batch, clean_logits: torch.Tens
     return per_example_mean(diff, rows, len(batch))
 
 # %% ../nbs/02b_metrics.ipynb #496482cf
-def kl_to_clean(logits: torch.Tensor, batch: Batch, clean_logits: torch.Tensor | None = None) -> torch.Tensor:
+def kl_to_clean(logits: torch.Tensor,                      # this run's logits `[batch, pos, vocab]` (or a last window)
+                batch: Batch,                              # the prompts the logits are of
+                clean_logits: torch.Tensor | None = None,  # the clean run's logits (same batch and vocabulary; required)
+               ) -> torch.Tensor:
     "Minus the mean over summary targets of KL(p_clean ‖ p_run), per example `[batch]`; 0 at the clean logits."
     if clean_logits is None:
         raise ValueError("kl_to_clean compares a run with the clean run: pass clean_logits (the logits on the clean batch).")
@@ -100,7 +114,10 @@ def reads_copy(metric: str | Metric) -> bool:
 
 # %% ../nbs/02b_metrics.ipynb #0007e1d7
 @torch.no_grad()
-def run_logits(lm: LoadedModel, batch: Batch, logits_to_keep: int | None = None) -> torch.Tensor:
+def run_logits(lm: LoadedModel,                     # the model (`load_model`)
+               batch: Batch,                        # the prompts, moved to `lm.device`
+               logits_to_keep: int | None = None,   # last positions to return: None = `logits_window(batch)`, 0 = all
+              ) -> torch.Tensor:
     "Logits of `lm`'s run of `batch`: of the positions the metrics read (`logits_window`), or the last `logits_to_keep` (0: all)."
     batch = batch.to(lm.device)
     keep = logits_window(batch) if logits_to_keep is None else logits_to_keep
@@ -109,13 +126,19 @@ def run_logits(lm: LoadedModel, batch: Batch, logits_to_keep: int | None = None)
     return logits
 
 # %% ../nbs/02b_metrics.ipynb #640d2d51
-def run_metric(lm: LoadedModel, batch: Batch, metric: str | Metric = "summary_logprob",
-               clean_logits: torch.Tensor | None = None) -> torch.Tensor:
+def run_metric(lm: LoadedModel,                              # the model (`load_model`)
+               batch: Batch,                                 # the prompts
+               metric: str | Metric = "summary_logprob",     # a name in `METRICS`, or a metric callable
+               clean_logits: torch.Tensor | None = None,     # the clean run's logits, for metrics that need them (`"kl"`)
+              ) -> torch.Tensor:
     "`metric` (default: the task metric) per example `[batch]` of `lm`'s run of `batch`, on the CPU."
     return get_metric(metric)(run_logits(lm, batch), batch.to(lm.device), clean_logits).cpu()
 
 # %% ../nbs/02b_metrics.ipynb #40159f40
-def check_finite_metric(stage: str, batch: Batch, *values: torch.Tensor) -> None:
+def check_finite_metric(stage: str,              # the stage's name, for the message
+                        batch: Batch,            # the prompts the values are of (its `ids` name the documents)
+                        *values: torch.Tensor,   # metric values `[batch]`, any number of them
+                       ) -> None:
     "Refuse metric `values` (each `[batch]`) that are not finite in `stage`, naming the documents and the likely cause."
     bad = sorted(set().union(*((~torch.isfinite(v.cpu())).nonzero().flatten().tolist() for v in values)))
     if not bad: return

@@ -93,3 +93,21 @@ def test_undocumented_parameters_finds_them():
            "def h(a: int,   # the first\n      *, b: int = 0,   # the second\n     ) -> int: return a\n")
     f, g, h = ast.parse(src).body
     assert (undocumented_parameters(f, src), undocumented_parameters(g, src), undocumented_parameters(h, src)) == (["b"], ["a", "b"], [])
+
+
+def test_large_figures_are_shrunk_not_dropped():
+    "A figure over the limit is re-encoded (and scaled down) until it fits, keeping its aspect ratio; it stays a PNG."
+    import base64, io
+    import numpy as np
+    from PIL import Image
+    noise = (np.random.default_rng(0).random((300, 450, 3)) * 255).astype("uint8")    # incompressible, ~400 KB
+    buffer = io.BytesIO(); Image.fromarray(noise).save(buffer, format="PNG")
+    figure = {"output_type": "display_data", "data": {"image/png": base64.b64encode(buffer.getvalue()).decode(),
+                                                       "text/plain": "<Figure>"}, "metadata": {}}
+    limit = 120 * 1024
+    assert not execute_chapters.kept(figure, limit)
+    small = execute_chapters.shrink_png(figure, limit)
+    assert execute_chapters.kept(small, limit)
+    image = Image.open(io.BytesIO(base64.b64decode(small["data"]["image/png"])))
+    assert image.format == "PNG" and image.width < 450 and abs(image.width / image.height - 1.5) < 0.02
+    assert execute_chapters.shrink_png({"output_type": "stream", "name": "stdout", "text": "x"}, limit)["text"] == "x"
