@@ -29,8 +29,8 @@ __all__ = ['T', 'QUESTIONS', 'SITE_MARKER', 'finished', 'checkpoint_table', 'unf
            'system_table', 'run_spec', 'circuit_evolution', 'circuit_viewers', 'new_page', 'add_markdown',
            'add_outputs', 'png_output', 'table_output', 'figure_png', 'clean_notebook', 'setup_findings',
            'headline_findings', 'stage_list', 'home_page', 'evolution_figures', 'evolution_page', 'bakeoff_page',
-           'run_figures', 'figures_page', 'compare_page', 'api_doc', 'api_page', 'stage_site', 'relink_pages',
-           'check_site_folder', 'render_report']
+           'run_figures', 'figures_page', 'compare_page', 'api_doc', 'api_page', 'relink_pages', 'check_site_folder',
+           'stage_site', 'render_report']
 
 # %% ../nbs/11_report.ipynb #bc801cb3
 T = TypeVar("T")
@@ -47,7 +47,9 @@ def checkpoint_table(run: Run) -> pd.DataFrame | None:
     return None if not cks else pd.DataFrame([{"step": c.step, "val_loss": c.val_loss} for c in cks])
 
 # %% ../nbs/11_report.ipynb #8cdb06e5
-def unfinished(run: Run, *stages: str) -> list[str]:
+def unfinished(run: Run,                                    # the run to report
+               *stages: str,                                # stage names (`"diff"`, `"circuits"`, ...)
+              ) -> list[str]:
     "One line per recorded job of `stages` that did not finish (failed, skipped, results missing), for the pages."
     return [f"{j.title}: {j.status}" + (f" ({j.reason.splitlines()[0][:200]})" if j.reason else "")
             for s in stages for j in run.stage_jobs(s) if not j.finished]
@@ -101,7 +103,10 @@ def circuit_viewers(run: Run) -> list[dict]:
     return [p for p in saved.get("pages", []) if run.path("circuits", "viewer", p["page"]).exists()]
 
 # %% ../nbs/11_report.ipynb #8a10acf7
-def new_page(title: str, description: str = "", order: int | None = None) -> nbformat.NotebookNode:
+def new_page(title: str,                                    # the page's title (front matter and navigation)
+             description: str = "",                         # its subtitle; none when empty
+             order: int | None = None,                      # its place in the sidebar (lower first); None: unordered
+            ) -> nbformat.NotebookNode:
     "An empty page with Quarto front matter."
     meta = {"title": title} | ({"description": description} if description else {}) | ({"order": order} if order is not None else {})
     nb = nbformat.v4.new_notebook()
@@ -111,19 +116,25 @@ def new_page(title: str, description: str = "", order: int | None = None) -> nbf
     return nb
 
 # %% ../nbs/11_report.ipynb #605eaeed
-def add_markdown(nb: nbformat.NotebookNode, text: str) -> None:
+def add_markdown(nb: nbformat.NotebookNode,                  # the page to append to
+                 text: str,                                 # markdown; surrounding blank space is stripped
+                ) -> None:
     "Append a markdown cell."
     nb.cells.append(nbformat.v4.new_markdown_cell(text.strip()))
 
 # %% ../nbs/11_report.ipynb #fc2d9793
-def add_outputs(nb: nbformat.NotebookNode, *outputs: dict) -> None:
+def add_outputs(nb: nbformat.NotebookNode,                   # the page to append to
+                *outputs: dict,                             # display data by MIME type (`png_output`, `table_output`)
+               ) -> None:
     "Append a code cell without visible code whose outputs are `outputs`."
     cell = nbformat.v4.new_code_cell("#| echo: false")
     cell.outputs = [nbformat.v4.new_output("display_data", data=o) for o in outputs]
     nb.cells.append(cell)
 
 # %% ../nbs/11_report.ipynb #68a67a8b
-def png_output(png: bytes | str | Path, alt: str = "") -> dict:
+def png_output(png: bytes | str | Path,                      # PNG bytes, or the path of a PNG file
+               alt: str = "",                               # alt text (and plain-text output); "figure" when empty
+              ) -> dict:
     "A display output showing a PNG (bytes or a file), with alt text."
     data = Path(png).read_bytes() if isinstance(png, (str, Path)) else png
     b64 = base64.b64encode(data).decode()
@@ -131,7 +142,10 @@ def png_output(png: bytes | str | Path, alt: str = "") -> dict:
             "text/html": f'<img src="data:image/png;base64,{b64}" alt="{html.escape(alt)}" class="figure">'}
 
 # %% ../nbs/11_report.ipynb #bf191be9
-def table_output(df: pd.DataFrame, floatfmt: str = "{:.4g}", index: bool = False) -> dict:
+def table_output(df: pd.DataFrame,                           # the table to show
+                 floatfmt: str = "{:.4g}",                  # `str.format` pattern for its floats
+                 index: bool = False,                       # show the index as a column too
+                ) -> dict:
     "A display output showing a table."
     return {"text/html": df.to_html(index=index, float_format=floatfmt.format, na_rep="", border=0, classes="dataframe table"),
             "text/plain": df.to_string(index=index)}
@@ -148,7 +162,10 @@ def figure_png(fig) -> bytes:
 # %% ../nbs/11_report.ipynb #30e882fc
 _NBDEV_DIRECTIVE = re.compile(r"^#\|\s*(export|exporti|exports|default_exp|hide|eval|filter_stream|code-fold|echo|output)\b.*$\n?", re.M)
 
-def clean_notebook(nb: nbformat.NotebookNode, title: str = "", order: int | None = None) -> nbformat.NotebookNode:
+def clean_notebook(nb: nbformat.NotebookNode,                # the notebook (not changed: the page is a copy)
+                   title: str = "",                         # the page's title; empty: the notebook's `# heading`
+                   order: int | None = None,                # its place in the sidebar (lower first)
+                  ) -> nbformat.NotebookNode:
     "A copy of a library or executed notebook ready for the site: front matter, no hidden cells, no nbdev directives."
     nb = copy.deepcopy(nb)
     heading, description = title, ""
@@ -259,7 +276,9 @@ def headline_findings(run: Run) -> list[str]:
     return out
 
 # %% ../nbs/11_report.ipynb #3a06d8a0
-def stage_list(run: Run, pages: dict[str, str]) -> pd.DataFrame:
+def stage_list(run: Run,                                    # the run whose jobs are listed
+               pages: dict[str, str],                       # job name to its page (`stages/<job>.ipynb`); others unlinked
+              ) -> pd.DataFrame:
     "The jobs of the run with status, time and a link to their page."
     rows = []
     for j in run.jobs:
@@ -270,7 +289,10 @@ def stage_list(run: Run, pages: dict[str, str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 # %% ../nbs/11_report.ipynb #6a0126c9
-def home_page(run: Run, pages: dict[str, str], figures: Sequence[Path] = ()) -> nbformat.NotebookNode:
+def home_page(run: Run,                                     # the run the site shows
+              pages: dict[str, str],                        # job name to its stage page (`stages/<job>.ipynb`)
+              figures: Sequence[Path] = (),                 # figure files of the run shown under the findings
+             ) -> nbformat.NotebookNode:
     "The home page of the site of `run`."
     cfg = run.config
     nb = new_page(f"summcircuit: run '{run.name}'", f"{cfg.get('model')} on {cfg.get('dataset')} ({cfg.get('aspect')})", 0)
@@ -327,7 +349,9 @@ def evolution_figures(diffs: dict[int, DiffFindings]) -> list[tuple[str, bytes]]
     return out
 
 # %% ../nbs/11_report.ipynb #6d24e849
-def evolution_page(run: Run, pages: dict[str, str]) -> nbformat.NotebookNode:
+def evolution_page(run: Run,                                # the run the site shows
+                   pages: dict[str, str],                   # job name to its stage page, for the links to the notebooks
+                  ) -> nbformat.NotebookNode:
     "The evolution page of `run`."
     nb = new_page("Evolution across checkpoints", "How the model and its circuit change during fine-tuning", 1)
     cks = checkpoint_table(run)
@@ -390,7 +414,9 @@ def evolution_page(run: Run, pages: dict[str, str]) -> nbformat.NotebookNode:
     return nb
 
 # %% ../nbs/11_report.ipynb #1fb5feb2
-def bakeoff_page(run: Run, pages: dict[str, str]) -> nbformat.NotebookNode:
+def bakeoff_page(run: Run,                                  # the run the site shows
+                 pages: dict[str, str],                     # job name to its stage page (the `peft` job's is linked)
+                ) -> nbformat.NotebookNode:
     "The PEFT bake-off (and the ROUGE evaluation of base vs fine-tuned) of `run`."
     nb = new_page("PEFT bake-off", "Full fine-tuning vs LoRA on all, targeted, circuit and random layers", 2)
     add_markdown(nb, "Same rank, step budget and early stopping for every variant; ROUGE-1/2/L F1 with bootstrap "
@@ -515,7 +541,9 @@ def api_doc(obj) -> str:
     return re.sub(r"^\[source\]\([^)]*\)\{[^}]*\}\s*$", "", md, flags=re.M).strip()   # no link into a repository
 
 # %% ../nbs/11_report.ipynb #f8f37097
-def api_page(notebook: str | Path, order: int) -> nbformat.NotebookNode | None:
+def api_page(notebook: str | Path,                          # a library notebook (`nbs/05_diff.ipynb`)
+             order: int,                                    # its place in the API section of the sidebar
+            ) -> nbformat.NotebookNode | None:
     """The API page of a library notebook (None for notebooks that export nothing): the notebook itself, each export
     cell followed by the `show_doc` of what it defines, as nbdev's documentation pages do."""
     nb = nbformat.read(str(notebook), as_version=4)
@@ -534,8 +562,61 @@ def api_page(notebook: str | Path, order: int) -> nbformat.NotebookNode | None:
                                                        f"`nbs/{Path(notebook).name}`."))
     return page
 
+# %% ../nbs/11_report.ipynb #1c968adb
+_NB_LINK = re.compile(r"\]\(([^)\s#]+\.ipynb)(#[^)\s]*)?\)")
+
+def relink_pages(folder: str | Path) -> None:
+    "Point markdown links to notebooks at the site's pages: a library notebook's name (`05_diff.ipynb`) at its API page; unresolvable links become plain text."
+    folder = Path(folder)
+    pages = {p.relative_to(folder).as_posix() for p in folder.rglob("*.ipynb") if not p.name.startswith("_")}
+    for rel in sorted(pages):
+        path = folder / rel
+        nb = nbformat.read(str(path), as_version=4)
+        changed = False
+        def fix(m):
+            nonlocal changed
+            target = os.path.normpath(os.path.join(os.path.dirname(rel), m.group(1))).replace(os.sep, "/")
+            if target in pages: return m.group(0)
+            changed = True
+            api = f"api/{Path(m.group(1)).name}"
+            if api in pages: return f"]({relative_href(api, rel)}{m.group(2) or ''})"
+            return "]"+ "(#)"
+        for cell in nb.cells:
+            if cell.cell_type == "markdown": cell.source = _NB_LINK.sub(fix, cell.source)
+        if changed: nbformat.write(nb, str(path))
+
+# %% ../nbs/11_report.ipynb #a5adf977
+SITE_MARKER = ".summcircuit-site"           # written into every site this renders: the only folders it will replace
+
+def _holds_run(folder: Path, depth: int = 3) -> Path | None:
+    "A run's record (`pipeline.json`, a job's `.done.json` or `.started.json`) in `folder` or up to `depth` levels below."
+    for d in range(depth + 1):
+        for name in ("pipeline.json", ".done.json", ".started.json"):
+            if hits := glob.glob(os.path.join(glob.escape(str(folder)), *(["*"] * d), name)): return Path(hits[0])
+    return None
+
+# %% ../nbs/11_report.ipynb #bb07e2f1
+def check_site_folder(out: str | Path,                       # the folder a site or staged project is to be written to
+                      option: str = "--out",                # how the error message names it
+                     ) -> Path:
+    """Refuse (`ValueError`) an `out` that holds a run, or that is not empty and holds no marker of a site this
+    renderer made. `option` names the folder in the message (`--out`, or `proc` for the staging folder)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir(): raise ValueError(f"{option} {out} is a file: pass a folder for the site (default: _site).")
+    if not out.exists() or not any(out.iterdir()): return out
+    if (record := _holds_run(out)) is not None:
+        raise ValueError(f"{option} {out} holds a run ({record}): refusing to replace it; pass another folder for the site "
+                         "(default: _site).")
+    if not (out / SITE_MARKER).exists():
+        raise ValueError(f"{option} {out} is not empty and was not made by `summcircuit report` (it has no {SITE_MARKER}): "
+                         "refusing to replace it; pass a new or empty folder, or remove this one yourself.")
+    return out
+
 # %% ../nbs/11_report.ipynb #391c0983
-def stage_site(runs: Sequence[Run], folder: str | Path, root: str | Path | None = None) -> Path:
+def stage_site(runs: Sequence[Run],                         # the run to show first, then the others to compare with
+               folder: str | Path,                          # where the Quarto project goes (replaced; `_proc/<name>`)
+               root: str | Path | None = None,              # the repository (`_quarto.yml`, `nbs/`); None: `project_root()`
+              ) -> Path:
     "Write the Quarto project of `runs[0]` (plus the comparison of all `runs`) into `folder`."
     root = Path(root) if root else project_root()
     folder = Path(folder)
@@ -574,57 +655,13 @@ def stage_site(runs: Sequence[Run], folder: str | Path, root: str | Path | None 
     relink_pages(folder)
     return folder
 
-# %% ../nbs/11_report.ipynb #1c968adb
-_NB_LINK = re.compile(r"\]\(([^)\s#]+\.ipynb)(#[^)\s]*)?\)")
-
-def relink_pages(folder: str | Path) -> None:
-    "Point markdown links to notebooks at the site's pages: a library notebook's name (`05_diff.ipynb`) at its API page; unresolvable links become plain text."
-    folder = Path(folder)
-    pages = {p.relative_to(folder).as_posix() for p in folder.rglob("*.ipynb") if not p.name.startswith("_")}
-    for rel in sorted(pages):
-        path = folder / rel
-        nb = nbformat.read(str(path), as_version=4)
-        changed = False
-        def fix(m):
-            nonlocal changed
-            target = os.path.normpath(os.path.join(os.path.dirname(rel), m.group(1))).replace(os.sep, "/")
-            if target in pages: return m.group(0)
-            changed = True
-            api = f"api/{Path(m.group(1)).name}"
-            if api in pages: return f"]({relative_href(api, rel)}{m.group(2) or ''})"
-            return "]"+ "(#)"
-        for cell in nb.cells:
-            if cell.cell_type == "markdown": cell.source = _NB_LINK.sub(fix, cell.source)
-        if changed: nbformat.write(nb, str(path))
-
-# %% ../nbs/11_report.ipynb #a5adf977
-SITE_MARKER = ".summcircuit-site"           # written into every site this renders: the only folders it will replace
-
-def _holds_run(folder: Path, depth: int = 3) -> Path | None:
-    "A run's record (`pipeline.json`, a job's `.done.json` or `.started.json`) in `folder` or up to `depth` levels below."
-    for d in range(depth + 1):
-        for name in ("pipeline.json", ".done.json", ".started.json"):
-            if hits := glob.glob(os.path.join(glob.escape(str(folder)), *(["*"] * d), name)): return Path(hits[0])
-    return None
-
-# %% ../nbs/11_report.ipynb #bb07e2f1
-def check_site_folder(out: str | Path, option: str = "--out") -> Path:
-    """Refuse (`ValueError`) an `out` that holds a run, or that is not empty and holds no marker of a site this
-    renderer made. `option` names the folder in the message (`--out`, or `proc` for the staging folder)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir(): raise ValueError(f"{option} {out} is a file: pass a folder for the site (default: _site).")
-    if not out.exists() or not any(out.iterdir()): return out
-    if (record := _holds_run(out)) is not None:
-        raise ValueError(f"{option} {out} holds a run ({record}): refusing to replace it; pass another folder for the site "
-                         "(default: _site).")
-    if not (out / SITE_MARKER).exists():
-        raise ValueError(f"{option} {out} is not empty and was not made by `summcircuit report` (it has no {SITE_MARKER}): "
-                         "refusing to replace it; pass a new or empty folder, or remove this one yourself.")
-    return out
-
 # %% ../nbs/11_report.ipynb #d07595c0
-def render_report(runs: Sequence[str | Path], out: str | Path = "_site", renderer: str = "auto",
-                  root: str | Path | None = None, proc: str | Path | None = None) -> Path:
+def render_report(runs: Sequence[str | Path],               # run folders: the site's run first, all in the comparison
+                  out: str | Path = "_site",                # the site's folder (new, empty or a site made here)
+                  renderer: str = "auto",                   # "quarto", "nbconvert" (offline) or "auto" (Quarto if installed)
+                  root: str | Path | None = None,           # the repository (`_quarto.yml`, `nbs/`); None: `project_root()`
+                  proc: str | Path | None = None,           # the staging folder; None: `_proc/<run name>`
+                 ) -> Path:
     """Render the site of `runs[0]` (and the comparison of all `runs`) into `out`; returns `out`. The site is
     rendered into a temporary folder beside `out`, which replaces `out` only once rendering succeeded; `out` must
     be new, empty or a site rendered here before (`check_site_folder`)."""
