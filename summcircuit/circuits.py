@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from fastcore.basics import patch
 from scipy import stats
 from tqdm.auto import tqdm
 
 from .attribute import Attribution, attribute, load_attribution
-from .core import Run, load_json, load_tensors, save_json, save_tensors
+from .core import Run, load_json, load_tensors, save_figure, save_json, save_tensors
 from .corrupt import pair_batches
 from .data import Batch, logits_window
 from .evaluate import bootstrap
@@ -25,12 +26,13 @@ from .metrics import get_metric, needs_clean, run_logits
 from .models import LoadedModel
 
 # %% auto #0
-__all__ = ['FRACTIONS', 'read_by', 'readers', 'prune', 'top_n_circuit', 'greedy_circuit', 'Baselines', 'PatchBatch',
-           'patch_batches', 'as_patch_batches', 'circuit_metrics', 'circuit_metric', 'baselines', 'faithfulness',
-           'faithfulness_interval', 'area', 'random_circuit', 'FaithfulnessCurve', 'faithfulness_curve', 'jaccard',
-           'split_halves', 'split_documents', 'robustness', 'edge_effects', 'sample_edges', 'exact_agreement',
-           'circuit_nodes', 'compare_circuits', 'layer_profile', 'plot_circuit', 'plot_faithfulness', 'plot_layer_mass',
-           'CircuitRecord', 'save_circuit', 'load_circuit_snapshots', 'evolution_table', 'plot_evolution']
+__all__ = ['FRACTIONS', 'EVOLUTION_TABLE', 'EVOLUTION_FIGURE', 'read_by', 'readers', 'prune', 'top_n_circuit', 'greedy_circuit',
+           'Baselines', 'PatchBatch', 'patch_batches', 'as_patch_batches', 'circuit_metrics', 'circuit_metric',
+           'baselines', 'faithfulness', 'faithfulness_interval', 'area', 'random_circuit', 'FaithfulnessCurve',
+           'faithfulness_curve', 'jaccard', 'split_halves', 'split_documents', 'robustness', 'edge_effects',
+           'sample_edges', 'exact_agreement', 'circuit_nodes', 'compare_circuits', 'layer_profile', 'plot_circuit',
+           'plot_faithfulness', 'plot_layer_mass', 'CircuitRecord', 'save_circuit', 'load_circuit_snapshots',
+           'evolution_table', 'plot_evolution', 'save_evolution']
 
 # %% ../nbs/08_circuits.ipynb #c4f87c2b
 def _ownership(graph: Graph, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -653,7 +655,6 @@ def evolution_table(snapshots: Sequence[tuple[int, torch.Tensor, torch.Tensor]],
                     graph: Graph,                                                  # the graph the circuits are of
                    ):
     "Comparisons between consecutive checkpoints and of each checkpoint against the final one."
-    import pandas as pd
     rows, final = [], snapshots[-1]
     for (s0, c0, _), (s1, c1, _) in zip(snapshots, snapshots[1:]):
         rows.append({"from": s0, "to": s1, "versus": "next", **compare_circuits(c0, c1, graph)})
@@ -679,3 +680,32 @@ def plot_evolution(snapshots,     # `(step, circuit, scores)` by step (`load_cir
     axes[1].set_xlabel("checkpoint (step)"); axes[1].set_ylim(0, 1.05); axes[1].legend(fontsize=8)
     axes[1].set_title("change from the previous checkpoint")
     return fig
+
+# %% ../nbs/08_circuits.ipynb #7d8ffae0
+EVOLUTION_TABLE, EVOLUTION_FIGURE = "evolution.json", "evolution.png"    # what the last circuits job writes into `circuits/`
+
+def save_evolution(folder: str | Path,   # the run's `circuits/` folder
+                   snapshots,            # `(step, circuit, scores)` by step (`load_circuit_snapshots`)
+                   graph: Graph,         # the graph the circuits are of
+                   table: pd.DataFrame,  # `evolution_table(snapshots, graph)`
+                  ) -> Path:
+    "Write the figure (`evolution.png`), then the comparison (`evolution.json`: steps, table, layer profiles), atomically."
+    save_figure(Path(folder) / EVOLUTION_FIGURE, plot_evolution(snapshots, graph, table))
+    return save_json(Path(folder) / EVOLUTION_TABLE, {
+        "steps": [s for s, _, _ in snapshots], "table": table.to_dict("records"),
+        "layer_profiles": {s: layer_profile(c, sc, graph) for s, c, sc in snapshots}})
+
+# %% ../nbs/08_circuits.ipynb #1207c41e
+@patch
+def evolution(self: Run) -> tuple[pd.DataFrame, bytes]:
+    """The comparison of the circuits across checkpoints and its figure (PNG bytes) that the run's last circuits job
+    wrote, only when it compares exactly the checkpoints whose circuits jobs finished."""
+    folder = self.finished_job("circuits").folder.parent
+    table, figure = folder / EVOLUTION_TABLE, folder / EVOLUTION_FIGURE
+    if not (table.exists() and figure.exists()):
+        raise FileNotFoundError(f"{table} or its figure does not exist: the last circuits job compares the checkpoints "
+                                f"(evolution=True); rerun it.")
+    saved, steps = load_json(table), sorted(self.circuits())
+    if sorted(saved["steps"]) != steps:
+        raise ValueError(f"{table} compares steps {saved['steps']}, not {steps} (the finished circuits jobs'): rerun the last circuits job.")
+    return pd.DataFrame(saved["table"]), figure.read_bytes()

@@ -242,7 +242,6 @@ def rouge_table(systems: dict[str, RougeResult],  # a `RougeResult` per system n
                 seed: int = 0,                    # seed of the resampling generator
                ):
     "One row per system: mean ROUGE-1/2/L F1 with intervals, and the paired difference to `baseline`."
-    import pandas as pd
     if baseline is not None and baseline not in systems:
         raise ValueError(f"Baseline {baseline!r} is not among the systems {list(systems)}.")
     ref_ids = next(iter(systems.values())).ids
@@ -266,7 +265,6 @@ def format_rouge_table(table,                 # `rouge_table`'s result
                        scale: float = 100.0,  # factor of every score (100: ROUGE points)
                       ):
     "A readable version of `rouge_table`: 'mean [low, high]' in ROUGE points, differences signed."
-    import pandas as pd
     out = pd.DataFrame(index=table.index)
     out["n"] = table["n"]
     for m in ROUGE_METRICS:

@@ -517,7 +517,6 @@ def bakeoff_table(results: list[VariantResult],   # every run of every variant (
                   n_resamples: int = 10_000,      # bootstrap resamples of the documents, for the intervals
                  ):
     "One row per variant: trainable parameters, steps to best, wall time, ROUGE with intervals and paired differences."
-    import pandas as pd
     groups: dict[str, list[VariantResult]] = {}
     for r in results: groups.setdefault(r.label, []).append(r)
     systems = {label: _pooled(rs) for label, rs in groups.items()}

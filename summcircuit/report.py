@@ -84,11 +84,9 @@ def run_spec(run: Run):
 
 # %% ../nbs/11_report.ipynb #bde50e60
 def circuit_evolution(run: Run) -> tuple[pd.DataFrame, bytes] | None:
-    "The comparisons between checkpoints' circuits and their figure: the circuit stage's (`circuits/evolution.json`, `.png`), else computed with `summcircuit.circuits`."
+    "The comparisons between checkpoints' circuits and their figure: the circuits stage's (`run.evolution()`), else computed with `summcircuit.circuits`."
+    if (saved := finished(run.evolution)) is not None: return saved
     steps = sorted(run.circuits())
-    saved = run.json("circuits", "evolution.json")            # only when it compares exactly this run's checkpoints
-    if saved and saved.get("table") and sorted(saved.get("steps") or []) == steps and run.path("circuits", "evolution.png").exists():
-        return pd.DataFrame(saved["table"]), run.path("circuits", "evolution.png").read_bytes()
     if len(steps) < 2 or (spec := run_spec(run)) is None: return None
     graph = Graph(spec)
     snaps = load_circuit_snapshots(run.path("circuits"), graph, steps=steps)
