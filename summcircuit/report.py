@@ -22,6 +22,7 @@ from .finetune import Checkpoint
 from .graph import Graph
 from .lora import BAKEOFF_FIGURE
 from .models import arch_spec
+import summcircuit.viewer  # noqa: F401  (adds Run.viewers)
 from .site import front_matter, relative_href, render_offline, render_with_quarto
 
 # %% auto #0
@@ -95,10 +96,8 @@ def circuit_evolution(run: Run) -> tuple[pd.DataFrame, bytes] | None:
 
 # %% ../nbs/11_report.ipynb #3f581b0f
 def circuit_viewers(run: Run) -> list[dict]:
-    "The circuit viewer pages the circuits stage wrote (`circuits/viewer/`), when they show exactly this run's checkpoints."
-    saved = run.json("circuits", "viewer", "index.json")
-    if not saved or sorted(saved.get("steps") or []) != sorted(run.circuits()): return []
-    return [p for p in saved.get("pages", []) if run.path("circuits", "viewer", p["page"]).exists()]
+    "The circuit viewer pages of the run (`run.viewers()`: `page`, `title`, `path`); none when the circuits stage wrote none for exactly its checkpoints."
+    return finished(run.viewers) or []
 
 # %% ../nbs/11_report.ipynb #8a10acf7
 def new_page(title: str,                                    # the page's title (front matter and navigation)
@@ -642,7 +641,7 @@ def stage_site(runs: Sequence[Run],                         # the run to show fi
         pages[job["job"]] = f"stages/{job['job']}.ipynb"
     for v in circuit_viewers(run):                  # self-contained pages, copied as they are
         (folder / "viewer").mkdir(exist_ok=True)
-        shutil.copy(run.path("circuits", "viewer", v["page"]), folder / "viewer" / v["page"])
+        shutil.copy(v["path"], folder / "viewer" / v["page"])
     main_figs = [run.path(*p) for p in (("finetune", "loss_curve.png"), ("diff", "layer_profiles.png")) if run.path(*p).exists()]
     written = {"index": home_page(run, pages, main_figs), "evolution": evolution_page(run, pages),
                "bakeoff": bakeoff_page(run, pages), "figures": figures_page(run), "compare": compare_page(runs)}

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from fastcore.basics import patch
 
 from .circuits import circuit_nodes, compare_circuits
-from .core import atomic_write
+from .core import Run, atomic_write, load_json
 from .graph import Graph
 
 CYTOSCAPE_JS = Path(str(files("summcircuit"))) / "static" / "cytoscape.min.js"     # cytoscape 3.35.0 from npm (MIT)
@@ -199,3 +200,18 @@ def write_viewers(folder: str | Path,                                           
         index.append({"page": written[-1].name, "title": f"step {sa} vs step {sb}", **{k: v for k, v in compare_circuits(ca, cb, graph).items() if k in DIFF_COUNTS}})
     written.append(atomic_write(folder / "index.json", json.dumps({"steps": [s for s, _, _ in snapshots], "pages": index}, indent=1)))
     return written
+
+# %% ../nbs/08c_viewer.ipynb #e7ea0a72
+@patch
+def viewers(self: Run) -> list[dict]:
+    """The viewer pages (`page`, `title`, `path`) that the run's last circuits job wrote into `circuits/viewer/`, only
+    when they show exactly the checkpoints whose circuits jobs finished; pages since deleted are left out."""
+    folder = self.finished_job("circuits").folder.parent / "viewer"
+    if not (folder / "index.json").exists():
+        raise FileNotFoundError(f"{folder / 'index.json'} does not exist: the last circuits job writes the viewers "
+                                f"(evolution=True); rerun it.")
+    saved, steps = load_json(folder / "index.json"), sorted(self.circuits())
+    if sorted(saved["steps"]) != steps:
+        raise ValueError(f"The viewers in {folder} show steps {saved['steps']}, not {steps} (the finished circuits jobs'): "
+                         f"rerun the last circuits job.")
+    return [{**p, "path": folder / p["page"]} for p in saved["pages"] if (folder / p["page"]).exists()]
