@@ -4,10 +4,11 @@
 
 # %% ../nbs/12_cli.ipynb #49838031
 from __future__ import annotations
-import argparse, os, shlex, sys, time
+import argparse, shlex, sys, time
 from pathlib import Path
 
 import torch
+from fastcore.xtras import modified_env
 
 from .core import FolderLocked, project_root, runs_root
 from .diff import layer_entropies
@@ -73,14 +74,14 @@ def stage_command(args: argparse.Namespace) -> int:
     finetune`); its trainings are then data-parallel, and a later `summcircuit run` finds the work done and goes on."""
     cfg = load_config(args.config, args.set or (), args.name)
     params = stage_parameters(stage_named(DISTRIBUTED_STAGES[args.command]), cfg, project_root() / "nbs")
-    os.environ["SUMMCIRCUIT_RUNS"] = str(runs_root(args.runs_root))
     lead, t0 = is_lead_process(), time.time()
-    if args.command == "finetune":
-        result = finetune_stage(**params, progress=lead)
-        done = f"fine-tuned in {{:.0f}} s on {world_size()} process(es): {len(result.checkpoints)} checkpoints in {result.folder}"
-    else:
-        results = bakeoff_stage(**params, progress=lead)
-        done = f"bake-off done in {{:.0f}} s on {world_size()} process(es): {len(results)} results in runs/{cfg.name}/peft"
+    with modified_env(SUMMCIRCUIT_RUNS=str(runs_root(args.runs_root))):      # where the stage finds its run, for this call
+        if args.command == "finetune":
+            result = finetune_stage(**params, progress=lead)
+            done = f"fine-tuned in {{:.0f}} s on {world_size()} process(es): {len(result.checkpoints)} checkpoints in {result.folder}"
+        else:
+            results = bakeoff_stage(**params, progress=lead)
+            done = f"bake-off done in {{:.0f}} s on {world_size()} process(es): {len(results)} results in runs/{cfg.name}/peft"
     if torch.distributed.is_initialized(): torch.distributed.destroy_process_group()   # else gloo aborts at exit
     if lead: print(done.format(time.time() - t0) + f"; `summcircuit run --config {args.config}` goes on from here.")
     return 0

@@ -631,8 +631,11 @@ def bakeoff_stage(run_name: str,                                 # the run: its 
     folder = run_dir(run_name)
     cfg = replace(BakeoffConfig(), **{k: v for k, v in dict(n_train=n_examples, max_steps=bakeoff_max_steps,
                   learning_rate=bakeoff_learning_rate).items() if v is not None})
-    targeted = list(targeted_layers or critical_layers_of_run(folder))
-    circuit = circuit or circuit_selection_of_run(folder, len(targeted), circuit_mode)
+    empty = "{} is empty: pass at least one layer, or None for the run's own analyses."
+    targeted = list(critical_layers_of_run(folder) if targeted_layers is None else targeted_layers)
+    if not targeted: raise ValueError(empty.format("targeted_layers"))
+    circuit = circuit_selection_of_run(folder, len(targeted), circuit_mode) if circuit is None else list(circuit)
+    if not circuit: raise ValueError(empty.format("circuit"))
     variants = [full(), lora_all(), lora_targeted(targeted), lora_circuit(circuit)] + \
                [lora_random(len(targeted), draw=d) for d in range(random_draws)]
     if progress:

@@ -230,7 +230,7 @@ def headline_findings(run: Run) -> list[str]:
     out = []
     cks = checkpoint_table(run)
     if cks is not None and len(cks) > 1 and cks.val_loss.notna().all():
-        out.append(f"**Fine-tuning** ({len(cks) - 1} checkpoints, {int(cks.step.max())} steps) moved the validation loss on "
+        out.append(f"**Fine-tuning** ({len(cks) - 1} checkpoint{'s' * (len(cks) != 2)}, {int(cks.step.max())} steps) moved the validation loss on "
                    f"summary tokens from {cks.val_loss.iloc[0]:.3f} to {cks.val_loss.iloc[-1]:.3f} nats.")
     rouge = system_table(run.rouge)
     if rouge is not None and {"system", "rougeL"} <= set(rouge.columns):

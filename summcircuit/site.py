@@ -42,8 +42,7 @@ def _expand(entry: Any, folder: Path) -> list[NavItem]:
     "Sidebar entries for one `_quarto.yml` entry."
     if isinstance(entry, str):
         if any(ch in entry for ch in "*?["):
-            paths = [Path(p) for p in glob.glob(str(folder / entry))]
-            paths = [p if p.suffix else p.with_suffix(".ipynb") for p in paths if p.suffix in (".ipynb", "")]
+            paths = [p for p in map(Path, glob.glob(str(folder / entry))) if p.suffix == ".ipynb" and p.is_file()]
             metas = {p: _page_meta(p) for p in paths}
             paths.sort(key=lambda p: (metas[p].get("order", 10**6), p.name))
             return [NavItem(metas[p].get("title", p.stem), str(p.relative_to(folder))) for p in paths]
