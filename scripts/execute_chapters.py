@@ -18,10 +18,10 @@ MAX_KB = 120                          # the largest single output a chapter keep
 
 
 def skipped(cell) -> bool:
-    "The cells nbdev_test does not run: markdown, `#| eval: false`, and the export call."
+    "The cells `nbdev_test --flags slow` does not run: markdown, `#| eval: false`, `#| notest`, and the export call."
     if cell.cell_type != "code" or "nbdev_export" + "(" in cell.source: return True
     directives = getattr(cell, "directives_", {}) or {}
-    return directives.get("eval:", [""])[0].lower() == "false"
+    return directives.get("eval:", [""])[0].lower() == "false" or "notest" in directives
 
 
 def shrink_png(output: dict, max_bytes: int) -> dict:

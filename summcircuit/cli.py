@@ -8,9 +8,8 @@ import argparse, shlex, sys, time
 from pathlib import Path
 
 import torch
-from fastcore.xtras import modified_env
 
-from .core import FolderLocked, project_root, runs_root
+from .core import FolderLocked, environment, project_root, runs_root
 from .diff import layer_entropies
 from .finetune import finetune_stage, is_lead_process, world_size
 from .lora import bakeoff_stage
@@ -75,7 +74,7 @@ def stage_command(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set or (), args.name)
     params = stage_parameters(stage_named(DISTRIBUTED_STAGES[args.command]), cfg, project_root() / "nbs")
     lead, t0 = is_lead_process(), time.time()
-    with modified_env(SUMMCIRCUIT_RUNS=str(runs_root(args.runs_root))):      # where the stage finds its run, for this call
+    with environment({"SUMMCIRCUIT_RUNS": str(runs_root(args.runs_root))}):      # where the stage finds its run, for this call
         if args.command == "finetune":
             result = finetune_stage(**params, progress=lead)
             done = f"fine-tuned in {{:.0f}} s on {world_size()} process(es): {len(result.checkpoints)} checkpoints in {result.folder}"

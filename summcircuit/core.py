@@ -14,11 +14,11 @@ import pandas as pd
 import torch
 
 # %% auto #0
-__all__ = ['FULL_HASH_LIMIT', 'SAMPLE_BYTES', 'FINISHED', 'resolve_device', 'seed_everything', 'cache_dir', 'run_dir',
-           'project_root', 'runs_root', 'atomic_path', 'atomic_write', 'save_json', 'load_json', 'save_tensors',
-           'load_tensors', 'save_csv', 'save_figure', 'content_hash', 'load_keyed', 'file_fingerprint',
-           'fingerprint_problem', 'RecordedJob', 'recorded_jobs', 'Run', 'FolderLocked', 'folder_lock', 'hub_reachable',
-           'hub_offline']
+__all__ = ['FULL_HASH_LIMIT', 'SAMPLE_BYTES', 'FINISHED', 'RUN_READERS', 'resolve_device', 'seed_everything', 'cache_dir',
+           'run_dir', 'project_root', 'runs_root', 'environment', 'atomic_path', 'atomic_write', 'save_json',
+           'load_json', 'save_tensors', 'load_tensors', 'save_csv', 'save_figure', 'content_hash', 'load_keyed',
+           'file_fingerprint', 'fingerprint_problem', 'RecordedJob', 'recorded_jobs', 'Run', 'FolderLocked',
+           'folder_lock', 'hub_reachable', 'hub_offline']
 
 # %% ../nbs/00_core.ipynb #e662495f
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -72,6 +72,18 @@ def project_root(start: str | Path | None = None) -> Path:
 def runs_root(root: str | Path | None = None) -> Path:
     "The folder that holds the runs: `root`, else `$SUMMCIRCUIT_RUNS`, else `./runs` (made absolute)."
     return Path(root or os.environ.get("SUMMCIRCUIT_RUNS", "runs")).resolve()
+
+# %% ../nbs/00_core.ipynb #e2520991
+@contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    "Set the environment variables `values` inside the block, then restore those (and only those) as they were."
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try: yield
+    finally:
+        for k, v in old.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
 
 # %% ../nbs/00_core.ipynb #4df3b858
 @contextmanager
@@ -278,6 +290,9 @@ def recorded_jobs(run_folder: str | Path,  # a run folder holding `pipeline.json
     return out
 
 # %% ../nbs/00_core.ipynb #fc4babe9
+RUN_READERS = {"checkpoints": "finetune", "rouge": "evaluate", "diff": "diff", "diffs": "diff", "circuit": "circuits",
+               "circuits": "circuits", "evolution": "circuits", "viewers": "viewer", "bakeoff": "lora"}   # reader: its chapter
+
 @dataclasses.dataclass
 class Run:
     "A run folder that `summcircuit run` made: its configuration and the jobs its `pipeline.json` records."
@@ -345,6 +360,13 @@ class Run:
     def executed_jobs(self) -> list[dict[str, Any]]:
         "Jobs whose executed notebook exists (ran, cached or failed), in pipeline order."
         return [j for j in self.jobs if j.get("executed") and self.path(j["executed"]).exists()]
+
+    def __getattr__(self, name: str) -> Any:
+        "A typed reader (`run.diff()`, ...) that its chapter adds to `Run`: the chapter is imported on first use."
+        if name not in RUN_READERS: raise AttributeError(f"'Run' object has no attribute {name!r}")
+        importlib.import_module(f"summcircuit.{RUN_READERS[name]}")             # adds it with fastcore's `patch`
+        if name not in type(self).__dict__: raise AttributeError(f"summcircuit.{RUN_READERS[name]} adds no Run.{name}")
+        return getattr(self, name)
 
 # %% ../nbs/00_core.ipynb #4ae49654
 class FolderLocked(RuntimeError):

@@ -150,8 +150,11 @@ def _finetune_folder(run_folder: str | Path) -> Path:
     return run_folder if (run_folder / INDEX_NAME).exists() or run_folder.name == "finetune" else run_folder / "finetune"
 
 # %% ../nbs/03_finetune.ipynb #3fa17d8b
-def load_checkpoints(run_folder: str | Path) -> list[Checkpoint]:
-    "The checkpoints of the fine-tuning run in `run_folder` (`runs/<name>` or its `finetune/`), step 0 first."
+def load_checkpoints(run_folder: str | Path,     # `runs/<name>` or its `finetune/`
+                     *,
+                     check_weights: bool = True,  # refuse a checkpoint whose folder lost its weights (False: list it)
+                    ) -> list[Checkpoint]:
+    "The checkpoints of the fine-tuning run in `run_folder`, step 0 first."
     folder = _finetune_folder(run_folder)
     index = folder / INDEX_NAME
     if not index.exists():
@@ -163,7 +166,7 @@ def load_checkpoints(run_folder: str | Path) -> list[Checkpoint]:
         ck = Checkpoint(**entry)
         if ck.step > 0:
             path = folder / ck.path
-            if not _has_weights(path):
+            if check_weights and not _has_weights(path):
                 raise FileNotFoundError(f"Checkpoint folder {path} (step {ck.step}) has no model weights "
                                         f"(config.json and one of {WEIGHT_FILES}): it was deleted or damaged. "
                                         f"Delete {folder} and fine-tune again to recreate the checkpoints.")
@@ -173,9 +176,11 @@ def load_checkpoints(run_folder: str | Path) -> list[Checkpoint]:
 
 # %% ../nbs/03_finetune.ipynb #2123914a
 @patch
-def checkpoints(self: Run) -> list[Checkpoint]:
+def checkpoints(self: Run,
+                check_weights: bool = True,  # refuse a checkpoint whose folder lost its weights (False: list it)
+               ) -> list[Checkpoint]:
     "The run's fine-tuning checkpoints (step 0 = base model), only from a finished fine-tuning job."
-    return load_checkpoints(self.finished_job("finetune").folder)
+    return load_checkpoints(self.finished_job("finetune").folder, check_weights=check_weights)
 
 # %% ../nbs/03_finetune.ipynb #e123d613
 def _eval_loss_at(log_history: list[dict], step: int) -> float | None:

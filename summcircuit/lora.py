@@ -634,7 +634,9 @@ def bakeoff_stage(run_name: str,                                 # the run: its 
     empty = "{} is empty: pass at least one layer, or None for the run's own analyses."
     targeted = list(critical_layers_of_run(folder) if targeted_layers is None else targeted_layers)
     if not targeted: raise ValueError(empty.format("targeted_layers"))
-    circuit = circuit_selection_of_run(folder, len(targeted), circuit_mode) if circuit is None else list(circuit)
+    if circuit is None:
+        circuit = circuit_selection_of_run(folder, len(targeted), circuit_mode)
+        if not circuit: raise ValueError("The run's circuit has no attention heads: use circuit_mode='layers' or pass `circuit`.")
     if not circuit: raise ValueError(empty.format("circuit"))
     variants = [full(), lora_all(), lora_targeted(targeted), lora_circuit(circuit)] + \
                [lora_random(len(targeted), draw=d) for d in range(random_draws)]

@@ -6,26 +6,25 @@
 from __future__ import annotations
 import ast, importlib.util, multiprocessing, os, queue, re, shutil, sys, time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import nbformat
 import torch
 import yaml
 
-from .core import (content_hash, file_fingerprint, fingerprint_problem, folder_lock, load_json, project_root,
-                              runs_root, save_json)
+from .core import (content_hash, environment, file_fingerprint, fingerprint_problem, folder_lock, load_json,
+                              project_root, runs_root, save_json)
 
 # %% auto #0
 __all__ = ['DEVICE_PATTERN', 'PARAMETER_RULES', 'PARAMETER_CHOICES', 'SHARED_PARAMETERS', 'STAGES', 'STALE', 'KERNEL_WARNINGS',
            'PROGRESS', 'RunConfig', 'Yaml12Loader', 'check_run_name', 'check_shared', 'load_config',
            'notebook_parameters', 'notebook_parameter_types', 'parameter_types', 'check_parameter', 'notebook_text',
-           'check_value', 'Stage', 'stage_named', 'Job', 'library_modules', 'job_key', 'select_checkpoints',
-           'StageNotReady', 'stage_parameters', 'plan_stage', 'StageFailed', 'move_aside', 'restore_aside',
-           'job_outputs', 'progress_mode', 'execute_job', 'job_environment', 'execute_side_by_side', 'JobRecord',
-           'PipelineResult', 'run_pipeline', 'write_stage_notebook']
+           'check_value', 'Stage', 'stage_named', 'Job', 'module_code', 'library_modules', 'job_key',
+           'select_checkpoints', 'StageNotReady', 'stage_parameters', 'plan_stage', 'StageFailed', 'move_aside',
+           'restore_aside', 'job_outputs', 'progress_mode', 'execute_job', 'job_environment', 'execute_side_by_side',
+           'JobRecord', 'PipelineResult', 'run_pipeline', 'write_stage_notebook']
 
 # %% ../nbs/10_pipeline.ipynb #5cc08e2f
 @dataclass
@@ -336,6 +335,18 @@ def _portable(obj: Any, base: Path) -> Any:
     if isinstance(obj, str) and obj.startswith(str(base) + os.sep): return "<run>/" + obj[len(str(base)) + 1:]
     return obj
 
+# %% ../nbs/10_pipeline.ipynb #ee69ccf2
+def module_code(source: str) -> str:
+    """What a module computes, for cache keys: its syntax tree without docstrings (comments are not in it), so that
+    documenting the code (docstrings, docments, comments) or re-wrapping it does not make finished runs recompute."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
 # %% ../nbs/10_pipeline.ipynb #8be07250
 _MODULE_USE = re.compile(r"^\s*from \.(\w+) import|summcircuit\.(\w+)", re.M)   # relative import, or dotted name
 
@@ -343,15 +354,16 @@ def library_modules(source: str,                        # a notebook's text (`no
                     package: str | Path | None = None,  # folder of the modules; None: the `summcircuit` package
                    ) -> dict[str, str]:
     """The `summcircuit` modules that `source` (a notebook's text) uses, with the modules they import in turn,
-    mapped to their source text: a change to any of them changes what the notebook computes."""
+    mapped to their code (`module_code`): a change to any of them changes what the notebook computes."""
     package = Path(package or importlib.util.find_spec("summcircuit").submodule_search_locations[0])
     todo, found = {a or b for a, b in _MODULE_USE.findall(source)}, {}
     while todo:
         name = todo.pop()
         path = package / f"{name}.py"
         if name in found or not path.exists(): continue
-        found[name] = path.read_text()
-        todo |= {a or b for a, b in _MODULE_USE.findall(found[name])}
+        text = path.read_text()
+        found[name] = module_code(text)
+        todo |= {a or b for a, b in _MODULE_USE.findall(text)}
     return dict(sorted(found.items()))
 
 # %% ../nbs/10_pipeline.ipynb #4f5bc7f6
@@ -470,18 +482,6 @@ class StageFailed(RuntimeError):
         super().__init__(f"Stage '{job.stage.name}' ({job.title}) failed: {error}\n"
                          f"Open the executed notebook to see where: {self.notebook}\n"
                          f"Earlier stages' results are kept; fix the cause and rerun the same command to resume.")
-
-# %% ../nbs/10_pipeline.ipynb #c510344a
-@contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    "Set environment variables for the kernels started inside the block, then restore them."
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try: yield
-    finally:
-        for k, v in old.items():
-            if v is None: os.environ.pop(k, None)
-            else: os.environ[k] = v
 
 # %% ../nbs/10_pipeline.ipynb #0749bbd3
 def _stale_reason(job: Job) -> str | None:
@@ -604,7 +604,7 @@ def execute_job(job: Job,                       # the job to run (`plan_stage`)
     import logging
     logging.getLogger("papermill").setLevel(logging.ERROR)   # its parameter inspection warns on comments; we check parameters ourselves
     try:
-        with _environment({"SUMMCIRCUIT_RUNS": str(runs), "PYTHONWARNINGS": KERNEL_WARNINGS, **job.env}):
+        with environment({"SUMMCIRCUIT_RUNS": str(runs), "PYTHONWARNINGS": KERNEL_WARNINGS, **job.env}):
             source = root / "nbs" / job.stage.notebook
             live = {"stdout_file": sys.stdout, "stderr_file": sys.stderr} if mode == "live" else {}
             pm.execute_notebook(str(source), str(job.executed), parameters=job.params,

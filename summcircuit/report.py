@@ -26,17 +26,16 @@ import summcircuit.viewer  # noqa: F401  (adds Run.viewers)
 from .site import front_matter, relative_href, render_offline, render_with_quarto
 
 # %% auto #0
-__all__ = ['T', 'QUESTIONS', 'SITE_MARKER', 'finished', 'checkpoint_table', 'unfinished', 'final_diff', 'causal_table',
-           'system_table', 'run_spec', 'circuit_evolution', 'circuit_viewers', 'new_page', 'add_markdown',
-           'add_outputs', 'png_output', 'table_output', 'figure_png', 'clean_notebook', 'setup_findings',
-           'headline_findings', 'stage_list', 'home_page', 'evolution_figures', 'evolution_page', 'bakeoff_page',
-           'run_figures', 'figures_page', 'compare_page', 'api_doc', 'api_page', 'relink_pages', 'check_site_folder',
-           'stage_site', 'render_report']
+__all__ = ['QUESTIONS', 'SITE_MARKER', 'finished', 'checkpoint_table', 'unfinished', 'final_diff', 'causal_table', 'system_table',
+           'run_spec', 'circuit_evolution', 'circuit_viewers', 'new_page', 'add_markdown', 'add_outputs', 'png_output',
+           'table_output', 'figure_png', 'clean_notebook', 'setup_findings', 'headline_findings', 'stage_list',
+           'home_page', 'evolution_figures', 'evolution_page', 'bakeoff_page', 'run_figures', 'figures_page',
+           'compare_page', 'api_doc', 'api_page', 'relink_pages', 'check_site_folder', 'stage_site', 'render_report']
 
 # %% ../nbs/11_report.ipynb #bc801cb3
-T = TypeVar("T")
+_T = TypeVar("_T")
 
-def finished(read: Callable[[], T]) -> T | None:
+def finished(read: Callable[[], _T]) -> _T | None:
     "`read()` (`run.rouge`, `run.bakeoff`, `run.checkpoints`, ...), or None when the run has no finished job to read it from."
     try: return read()
     except (FileNotFoundError, ValueError): return None
@@ -44,7 +43,7 @@ def finished(read: Callable[[], T]) -> T | None:
 # %% ../nbs/11_report.ipynb #e54eef71
 def checkpoint_table(run: Run) -> pd.DataFrame | None:
     "Step and validation loss of every fine-tuning checkpoint (step 0 = base model), from a finished fine-tuning job."
-    cks: list[Checkpoint] | None = finished(run.checkpoints)
+    cks: list[Checkpoint] | None = finished(lambda: run.checkpoints(check_weights=False))    # deleted folders too
     return None if not cks else pd.DataFrame([{"step": c.step, "val_loss": c.val_loss} for c in cks])
 
 # %% ../nbs/11_report.ipynb #8cdb06e5
@@ -79,7 +78,7 @@ def system_table(read: Callable[[], pd.DataFrame]) -> pd.DataFrame | None:
 # %% ../nbs/11_report.ipynb #a9009db0
 def run_spec(run: Run):
     "The `ArchSpec` of the run's model, from its last fine-tuning checkpoint's config (None without one)."
-    cks = finished(run.checkpoints)
+    cks = finished(lambda: run.checkpoints(check_weights=False))         # only the last one's config is read
     if not cks or not (Path(cks[-1].path) / "config.json").exists(): return None
     return arch_spec(AutoConfig.from_pretrained(cks[-1].path))
 
@@ -353,7 +352,7 @@ def evolution_page(run: Run,                                # the run the site s
     nb = new_page("Evolution across checkpoints", "How the model and its circuit change during fine-tuning", 1)
     cks = checkpoint_table(run)
     add_markdown(nb, "## Fine-tuning checkpoints")
-    if cks is None: add_markdown(nb, "The fine-tuning stage has not run.")
+    if cks is None: add_markdown(nb, "; ".join(unfinished(run, "finetune")) or "The fine-tuning stage has not run.")
     else: add_outputs(nb, table_output(cks.rename(columns={"val_loss": "validation loss (nats)"})))
     add_markdown(nb, "## Differential analysis against the base model\n\nEach checkpoint compared with the base model "
                      "(the final checkpoint is the main differential analysis).")

@@ -36,6 +36,11 @@ def public_definitions(path: Path):
                 yield node, src, following
 
 
+def shows(cell_source: str) -> bool:
+    "Whether a cell can be the one that shows and tests a definition: code that runs and is seen (not exported, hidden or the export call)."
+    return bool(cell_source.strip()) and not cell_source.startswith(("#| export", "#| hide")) and "nbdev_export(" not in cell_source
+
+
 def undocumented_parameters(node: ast.FunctionDef, src: str) -> list[str]:
     "Parameters of a function with two or more that lack their own `#` comment on their line."
     args = [a for a in node.args.posonlyargs + node.args.args + node.args.kwonlyargs
@@ -49,7 +54,7 @@ def undocumented_parameters(node: ast.FunctionDef, src: str) -> list[str]:
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
 def test_public_definitions_are_shown_and_tested(path):
     bare = [node.name for node, _, following in public_definitions(path)
-            if (not following or following.startswith("#| export")) and node.name not in TESTED_ELSEWHERE]
+            if not shows(following) and node.name not in TESTED_ELSEWHERE]
     assert not bare, (f"{path.name}: {bare} are followed by another export cell; put the cell that shows and tests "
                       f"each right after it")
 
@@ -111,3 +116,8 @@ def test_large_figures_are_shrunk_not_dropped():
     image = Image.open(io.BytesIO(base64.b64decode(small["data"]["image/png"])))
     assert image.format == "PNG" and image.width < 450 and abs(image.width / image.height - 1.5) < 0.02
     assert execute_chapters.shrink_png({"output_type": "stream", "name": "stdout", "text": "x"}, limit)["text"] == "x"
+
+
+def test_shows_refuses_cells_that_show_nothing():
+    assert [shows(s) for s in ("test_eq(f(1), 2)", "#| export\ndef g(): pass", "#| hide\nfrom x import y", "",
+                               "import nbdev; nbdev.nbdev_export()")] == [True, False, False, False, False]

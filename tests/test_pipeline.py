@@ -228,7 +228,7 @@ def test_the_real_stage_notebooks_take_the_parameters_the_configurations_set():
 
 
 def test_keys_follow_the_library_modules_a_notebook_uses_transitively(tmp_path):
-    "An edit to a module the notebook imports, directly or through another module, changes the key; others do not."
+    "An edit to the code of a module the notebook imports, directly or through another module, changes the key; others and documentation do not."
     from summcircuit.pipeline import library_modules
     pkg = tmp_path / "pkg"; pkg.mkdir()
     (pkg / "a.py").write_text("from .b import f\n")
@@ -241,6 +241,9 @@ def test_keys_follow_the_library_modules_a_notebook_uses_transitively(tmp_path):
     assert library_modules(source, pkg) == before
     (pkg / "b.py").write_text("def f(): return 4\n")
     assert library_modules(source, pkg) != before
+    after = library_modules(source, pkg)
+    (pkg / "b.py").write_text('"B."\ndef f():  # four\n    "Four."\n    return 4\n')
+    assert library_modules(source, pkg) == after          # documenting the code (docstrings, comments) keeps the key
 
 
 def test_live_progress_shows_what_the_notebooks_print(project, capfd):
