@@ -655,6 +655,7 @@ def evolution_table(snapshots: Sequence[tuple[int, torch.Tensor, torch.Tensor]],
                     graph: Graph,                                                  # the graph the circuits are of
                    ):
     "Comparisons between consecutive checkpoints and of each checkpoint against the final one."
+    if len(snapshots) < 2: raise ValueError(f"Comparing circuits needs two checkpoints or more, got {len(snapshots)}.")
     rows, final = [], snapshots[-1]
     for (s0, c0, _), (s1, c1, _) in zip(snapshots, snapshots[1:]):
         rows.append({"from": s0, "to": s1, "versus": "next", **compare_circuits(c0, c1, graph)})

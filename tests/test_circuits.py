@@ -139,3 +139,16 @@ def test_compare_circuits_against_sets(graph):
 def test_faithfulness_refuses_a_corruption_that_changes_nothing():
     with pytest.raises(ValueError, match="undefined"):
         faithfulness(-1.0, Baselines(-2.0, -2.0))
+
+
+@pytest.mark.slow
+def test_circuits_stage_at_one_checkpoint_compares_nothing(tmp_path):
+    "The stage's evolution with a single checkpoint that has a circuit: viewers are written, no comparison is attempted."
+    import papermill
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "circuits.ipynb"
+    papermill.execute_notebook(str(root / "nbs" / "stages" / "circuits.ipynb"), str(out), cwd=str(root / "nbs"),
+                               parameters={"evolution": True, "compare_setups": False, "check_robustness": False},
+                               kernel_name="python3", language="python", progress_bar=False)
+    assert "Only step 0 has a circuit: nothing to compare across checkpoints." in out.read_text()
