@@ -698,15 +698,23 @@ def save_evolution(folder: str | Path,   # the run's `circuits/` folder
 
 # %% ../nbs/08_circuits.ipynb #1207c41e
 @patch
+def checkpoint_comparison(self: Run, *parts: str) -> tuple[Path, dict]:
+    """The JSON `circuits/<parts>` that the run's last circuits job wrote over the checkpoints in its `steps` (the
+    evolution, the viewers' index), with its path; only when those are exactly the finished circuits jobs' steps."""
+    path = self.finished_job("circuits").folder.parent.joinpath(*parts)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: the last circuits job writes it (evolution=True); rerun it.")
+    saved, steps = load_json(path), sorted(self.circuits())
+    if sorted(saved["steps"]) != steps:
+        raise ValueError(f"{path} covers steps {saved['steps']}, not {steps} (the finished circuits jobs'): "
+                         f"rerun the last circuits job.")
+    return path, saved
+
+@patch
 def evolution(self: Run) -> tuple[pd.DataFrame, bytes]:
     """The comparison of the circuits across checkpoints and its figure (PNG bytes) that the run's last circuits job
     wrote, only when it compares exactly the checkpoints whose circuits jobs finished."""
-    folder = self.finished_job("circuits").folder.parent
-    table, figure = folder / EVOLUTION_TABLE, folder / EVOLUTION_FIGURE
-    if not (table.exists() and figure.exists()):
-        raise FileNotFoundError(f"{table} or its figure does not exist: the last circuits job compares the checkpoints "
-                                f"(evolution=True); rerun it.")
-    saved, steps = load_json(table), sorted(self.circuits())
-    if sorted(saved["steps"]) != steps:
-        raise ValueError(f"{table} compares steps {saved['steps']}, not {steps} (the finished circuits jobs'): rerun the last circuits job.")
+    table, saved = self.checkpoint_comparison(EVOLUTION_TABLE)
+    figure = table.with_name(EVOLUTION_FIGURE)
+    if not figure.exists(): raise FileNotFoundError(f"{figure} does not exist: rerun the last circuits job.")
     return pd.DataFrame(saved["table"]), figure.read_bytes()

@@ -291,7 +291,8 @@ def recorded_jobs(run_folder: str | Path,  # a run folder holding `pipeline.json
 
 # %% ../nbs/00_core.ipynb #fc4babe9
 RUN_READERS = {"checkpoints": "finetune", "rouge": "evaluate", "diff": "diff", "diffs": "diff", "circuit": "circuits",
-               "circuits": "circuits", "evolution": "circuits", "viewers": "viewer", "bakeoff": "lora"}   # reader: its chapter
+               "circuits": "circuits", "evolution": "circuits", "checkpoint_comparison": "circuits", "viewers": "viewer",
+               "bakeoff": "lora"}   # reader: its chapter
 
 @dataclasses.dataclass
 class Run:

@@ -13,7 +13,7 @@ import torch
 from fastcore.basics import patch
 
 from .circuits import circuit_nodes, compare_circuits
-from .core import Run, atomic_write, load_json
+from .core import Run, atomic_write
 from .graph import Graph
 
 CYTOSCAPE_JS = Path(str(files("summcircuit"))) / "static" / "cytoscape.min.js"     # cytoscape 3.35.0 from npm (MIT)
@@ -206,12 +206,5 @@ def write_viewers(folder: str | Path,                                           
 def viewers(self: Run) -> list[dict]:
     """The viewer pages (`page`, `title`, `path`) that the run's last circuits job wrote into `circuits/viewer/`, only
     when they show exactly the checkpoints whose circuits jobs finished; pages since deleted are left out."""
-    folder = self.finished_job("circuits").folder.parent / "viewer"
-    if not (folder / "index.json").exists():
-        raise FileNotFoundError(f"{folder / 'index.json'} does not exist: the last circuits job writes the viewers "
-                                f"(evolution=True); rerun it.")
-    saved, steps = load_json(folder / "index.json"), sorted(self.circuits())
-    if sorted(saved["steps"]) != steps:
-        raise ValueError(f"The viewers in {folder} show steps {saved['steps']}, not {steps} (the finished circuits jobs'): "
-                         f"rerun the last circuits job.")
-    return [{**p, "path": folder / p["page"]} for p in saved["pages"] if (folder / p["page"]).exists()]
+    index, saved = self.checkpoint_comparison("viewer", "index.json")
+    return [{**p, "path": index.parent / p["page"]} for p in saved["pages"] if (index.parent / p["page"]).exists()]
