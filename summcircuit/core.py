@@ -262,6 +262,10 @@ class RecordedJob:
     @property
     def finished(self) -> bool: return self.status in FINISHED
 
+    def outcome(self, width: int | None = None) -> str:
+        "The status with the first line of its reason (up to `width` characters), e.g. `failed (out of memory)`."
+        return self.status + (f" ({self.reason.splitlines()[0][:width]})" if self.reason else "")
+
 # %% ../nbs/00_core.ipynb #4c52c189
 def recorded_jobs(run_folder: str | Path,  # a run folder holding `pipeline.json`
                   stage: str,              # a stage name as the pipeline records it (`'circuits'`, `'diff'`, ...)
@@ -339,7 +343,7 @@ class Run:
                                     f"(`summcircuit run --config <its config>`; it may be switched off there).")
         j = jobs[-1]
         if not j.finished:
-            raise ValueError(f"The job {j.job} of run '{self.name}' {j.status}" + (f" ({j.reason.splitlines()[0]})" if j.reason else "")
+            raise ValueError(f"The job {j.job} of run '{self.name}' {j.outcome()}"
                              + ": its results are not read; rerun it (`summcircuit run` resumes the run).")
         return j
 

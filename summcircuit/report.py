@@ -51,7 +51,7 @@ def unfinished(run: Run,                                    # the run to report
                *stages: str,                                # stage names (`"diff"`, `"circuits"`, ...)
               ) -> list[str]:
     "One line per recorded job of `stages` that did not finish (failed, skipped, results missing), for the pages."
-    return [f"{j.title}: {j.status}" + (f" ({j.reason.splitlines()[0][:200]})" if j.reason else "")
+    return [f"{j.title}: {j.outcome(200)}"
             for s in stages for j in run.stage_jobs(s) if not j.finished]
 
 # %% ../nbs/11_report.ipynb #e8e0e983
@@ -60,7 +60,7 @@ def final_diff(run: Run) -> tuple[DiffFindings | None, str]:
     jobs = run.stage_jobs("diff")
     if not jobs: return None, "did not run in this run"
     j = jobs[-1]
-    if not j.finished: return None, j.status + (f" ({j.reason.splitlines()[0][:200]})" if j.reason else "")
+    if not j.finished: return None, j.outcome(200)
     if not (j.folder / DiffFindings.FILE).exists(): return None, f"finished without {DiffFindings.FILE}"
     return run.diff(), "finished"
 
