@@ -14,7 +14,8 @@ setuptools.setup(
     author_email=cfg['author_email'],
     license='Apache Software License 2.0',
     url=cfg['git_url'],
-    packages=setuptools.find_packages(include=['summcircuit', 'summcircuit.*']),
+    # namespace packages too, so that the data folder summcircuit/static (the viewer's cytoscape.js) is a package
+    packages=setuptools.find_namespace_packages(include=['summcircuit', 'summcircuit.*'], exclude=['*.__pycache__']),
     include_package_data=True,
     install_requires=cfg.get('requirements', '').split(),
     extras_require={'dev': cfg.get('dev_requirements', '').split()},

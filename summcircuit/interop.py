@@ -108,7 +108,8 @@ def mib_circuit(scores: torch.Tensor,  # edge scores of `graph.shape`
     n = max(1, int(share * graph.n_edges))
     while True:
         circuit = top_n_circuit(scores, graph, n)
-        if graph.count_edges(circuit, ungroup_kv=True) <= budget or n == 1: return circuit
+        if graph.count_edges(circuit, ungroup_kv=True) <= budget: return circuit
+        if n == 1: return torch.zeros_like(circuit)           # not even one edge fits the budget
         n = max(1, int(n * 0.9))
 
 # %% ../nbs/08b_interop.ipynb #aaa541b8

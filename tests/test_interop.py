@@ -95,3 +95,23 @@ def test_mib_submission_sizes(tmp_path):
     assert sum(e["in_graph"] for e in big.values()) > 0.3 * len(big)      # the budget is used, not just respected
     with pytest.raises(ValueError, match="may not contain '_'"):
         write_mib_submission(tmp_path, "my_task", "m", scores, g)
+
+
+def test_mib_circuits_of_a_planted_path(tmp_path):
+    """Scores that plant input -> logits (3) and input -> m0 -> logits (2 each) over noise: each circuit keeps what fits
+    of them. MIB's graph of this model has 496 edges (`published_layout`), so 0.1 and 0.2 % allow none, 0.5 % two."""
+    spec = SPECS["llama-gqa"]
+    g = Graph(spec)
+    assert len(published_layout(spec.n_layers, spec.n_heads)[0]) == 496
+    scores = torch.randn(g.shape, generator=torch.Generator().manual_seed(3)) * 0.01 * g.edges
+    scores[0, g.logits_destination] = 3.0
+    scores[0, g.mlp_destination(0)] = scores[g.mlp_source(0), g.logits_destination] = 2.0
+    out = write_mib_submission(tmp_path, "summary", "tiny", scores, g)
+    kept = {share: {k for k, e in json.loads((out / f"edges_{share * 100:g}pct.json").read_text())["edges"].items() if e["in_graph"]}
+            for share in (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)}
+    planted = {"input->logits", "input->m0", "m0->logits"}
+    assert kept[0.001] == kept[0.002] == set()                  # a budget under one edge keeps none
+    assert kept[0.005] == {"input->logits"}                     # two edges allowed: the path of one
+    assert kept[0.01] == planted                                # four allowed: both paths, no noise
+    for share in (0.02, 0.05, 0.1, 0.2, 0.5):
+        assert planted <= kept[share] and len(kept[share]) <= share * 496, share
