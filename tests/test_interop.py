@@ -102,7 +102,8 @@ def test_mib_circuits_of_a_planted_path(tmp_path):
     of them. MIB's graph of this model has 496 edges (`published_layout`), so 0.1 and 0.2 % allow none, 0.5 % two."""
     spec = SPECS["llama-gqa"]
     g = Graph(spec)
-    assert len(published_layout(spec.n_layers, spec.n_heads)[0]) == 496
+    n_mib = len(published_layout(spec.n_layers, spec.n_heads)[0])
+    assert n_mib == 496
     scores = torch.randn(g.shape, generator=torch.Generator().manual_seed(3)) * 0.01 * g.edges
     scores[0, g.logits_destination] = 3.0
     scores[0, g.mlp_destination(0)] = scores[g.mlp_source(0), g.logits_destination] = 2.0
@@ -114,4 +115,4 @@ def test_mib_circuits_of_a_planted_path(tmp_path):
     assert kept[0.005] == {"input->logits"}                     # two edges allowed: the path of one
     assert kept[0.01] == planted                                # four allowed: both paths, no noise
     for share in (0.02, 0.05, 0.1, 0.2, 0.5):
-        assert planted <= kept[share] and len(kept[share]) <= share * 496, share
+        assert planted <= kept[share] and len(kept[share]) <= share * n_mib, share
